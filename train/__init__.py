@@ -1,0 +1,1 @@
+"""clapedge.train."""
