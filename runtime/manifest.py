@@ -230,7 +230,8 @@ class ClipPolicy:
       re-normalised (head logits: the mean over windows).
     - batching: each clip or window is zero-padded at the end to a multiple of
       ``bucket_seconds`` with mask 0, and only clips of the same padded length share a
-      batch, so an embedding never depends on what it was batched with (0: exact lengths).
+      batch, so the padding a clip gets depends on the clip alone, never on its batch
+      neighbours (0: exact lengths, batches only of equal lengths).
     """
 
     min_seconds: float

@@ -17,16 +17,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from clapedge.runtime.manifest import (ClipPolicy, FileRef, LabelBank, Manifest, ModelInfo, TensorSpec,
-                                       TokenizerSpec, TowerSpec, Towers, sha256_file,
-                                       write_manifest)
+from clapedge.runtime.manifest import (ClipPolicy, FileRef, LabelBank, Manifest, ModelInfo,
+                                       TensorSpec, TokenizerSpec, TowerSpec, Towers,
+                                       sha256_file, write_manifest)
 
 FRAME = 160
 HIDDEN = 16
 DIM = 8
 RATE = 16000
-WORDS = ["a", "calm", "angry", "happy", "sad", "voice", "low", "high", "whisper", "shout",
-         "female", "male", "fast", "slow", "speaker", "medium", "neutral", "pitched"]
+WORDS = ["a", "calm", "angry", "happy", "sad", "voice", "low", "high", "whisper",
+         "shout", "female", "male", "fast", "slow", "speaker", "medium", "neutral", "pitched"]
 OPSET = [helper.make_opsetid("", 17)]
 
 BANKS = {
@@ -188,7 +188,7 @@ def _save(model: onnx.ModelProto, path: Path, external: str | None = None) -> No
         onnx.save_model(model, path)
     else:
         onnx.save_model(model, path, save_as_external_data=True, location=external,
-                        size_threshold=0, all_tensors_to_one_file=True)
+                        size_threshold=1024, all_tensors_to_one_file=True)
 
 
 def build_bundle(root: Path, *, seed: int = 0, clip: ClipPolicy | None = None,

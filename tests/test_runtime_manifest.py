@@ -10,9 +10,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _runtime_bundles import build_bundle  # noqa: E402
 
 from clapedge.errors import BundleError, ConfigError  # noqa: E402
-from clapedge.runtime.manifest import (FORMAT_VERSION, ClipPolicy, LabelBank, Manifest,  # noqa: E402
-                                       TensorSpec, TowerSpec, read_manifest, sha256_file,
-                                       write_manifest)
+from clapedge.runtime.manifest import (  # noqa: E402
+    FORMAT_VERSION, ClipPolicy, LabelBank, Manifest, TensorSpec, TowerSpec, read_manifest,
+    sha256_file, write_manifest)
 
 SHA = "0" * 64
 

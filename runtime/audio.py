@@ -1,0 +1,244 @@
+"""The audio frontend: decode, mix to mono, resample, validate, cut into model inputs.
+
+Shared by the runtime and by calibration (``calib/``), so a model is calibrated on exactly
+the inputs it will see on the device.
+
+Decoding. Files are decoded with soundfile (libsndfile) by their content, not their name:
+WAV (8/16/24/32-bit PCM, float), FLAC, OGG (Vorbis, Opus), MP3 and the other formats
+libsndfile reads. A FLAC file named ``.wav`` is fine; a file libsndfile cannot decode
+(empty, truncated header, a text file, an unsupported codec) raises ``AudioError`` naming
+the file and the problem. Arrays are accepted as int16, int32, float32 or float64, 1-D
+``[samples]`` or 2-D ``[samples, channels]`` (soundfile's layout), with a sample rate;
+integers are scaled to [-1, 1) by 2**15 and 2**31 as libsndfile does.
+
+Mono and rate. Channels are averaged; the signal is resampled to the bundle's rate with
+soxr at "HQ" quality, streamed block by block. Files are read in blocks of
+``BLOCK_FRAMES`` frames, so at most the resampled mono float32 signal plus one block is in
+memory, whatever the file's rate, channel count or length. Arrays go through the same
+block path, so a file and the same samples as an array give the same signal.
+
+Validation. No samples -> ``AudioError``; a NaN or Inf sample -> ``AudioError`` naming the
+time of the first one. Silence is valid input.
+
+Clip policy (``ClipPolicy`` in the manifest; ``segment`` below): shorter than
+``min_seconds`` -> zero-padded at the end to ``min_seconds``, the padding counted as
+signal (mask 1), so the model always sees at least its minimum receptive field; up to
+``max_seconds`` -> one segment; longer -> windows of ``window_seconds`` every
+``hop_seconds`` (``frame_windows``), the last one ending exactly at the end of the signal.
+Deterministic: no random crop anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from clapedge.errors import AudioError
+from clapedge.runtime.manifest import ClipPolicy
+
+BLOCK_FRAMES = 1 << 16
+MAX_CHANNELS = 64
+_INT_SCALE = {np.dtype(np.int16): 1.0 / 32768.0, np.dtype(np.int32): 1.0 / 2147483648.0}
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+READABLE = "WAV, FLAC, OGG (Vorbis/Opus), MP3 and the other formats libsndfile reads"
+
+
+def load_audio(source, sample_rate: int | None = None, *, target_rate: int,
+               block_frames: int = BLOCK_FRAMES) -> np.ndarray:
+    """Decode ``source`` to a validated float32 mono signal at ``target_rate``.
+
+    ``source``: a path, a numpy array (with ``sample_rate``), or a tuple
+    ``(array, sample_rate)``. ``sample_rate`` is ignored for paths (a file knows its rate).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return _load_file(Path(source), target_rate, block_frames)
+    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], np.ndarray):
+        source, sample_rate = source
+    if isinstance(source, np.ndarray):
+        return _load_array(source, sample_rate, target_rate, block_frames)
+    raise AudioError(f"audio must be a file path or a numpy array, got "
+                     f"{type(source).__name__}")
+
+
+def describe(source) -> str:
+    """A short name of an audio source for messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, tuple) and len(source) == 2:
+        source = source[0]
+    if isinstance(source, np.ndarray):
+        return f"array{tuple(source.shape)} {source.dtype}"
+    return type(source).__name__
+
+
+class _Accumulator:
+    """Resamples mono blocks (or passes them through) into one growing float32 buffer."""
+
+    def __init__(self, in_rate: int, out_rate: int, expected_in: int):
+        self.stream = None if in_rate == out_rate else soxr.ResampleStream(
+            in_rate, out_rate, 1, dtype="float32", quality="HQ")
+        # a header's frame count can be an estimate (MP3) or absurd: cap the first guess
+        expected = min(max(0, expected_in), 1 << 25) * out_rate // in_rate + 64
+        self.buf = np.empty(expected, dtype=np.float32)
+        self.n = 0
+
+    def _append(self, y: np.ndarray) -> None:
+        if self.n + len(y) > len(self.buf):
+            grown = np.empty(max(2 * len(self.buf), self.n + len(y)), dtype=np.float32)
+            grown[:self.n] = self.buf[:self.n]
+            self.buf = grown
+        self.buf[self.n:self.n + len(y)] = y
+        self.n += len(y)
+
+    def push(self, mono: np.ndarray) -> None:
+        self._append(mono if self.stream is None
+                     else self.stream.resample_chunk(mono, last=False))
+
+    def finish(self) -> np.ndarray:
+        if self.stream is not None:
+            self._append(self.stream.resample_chunk(np.zeros(0, np.float32), last=True))
+        if len(self.buf) > self.n + 4096:
+            return self.buf[:self.n].copy()
+        return self.buf[:self.n]
+
+
+def _check_finite(mono: np.ndarray, offset: int, rate: int, name: str) -> None:
+    bad = ~np.isfinite(mono)
+    if bad.any():
+        i = offset + int(np.argmax(bad))
+        raise AudioError(f"{name}: NaN or Inf sample at {i / rate:.3f} s (sample {i}); "
+                         f"the audio is corrupt")
+
+
+def _mono(block: np.ndarray) -> np.ndarray:
+    return block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
+
+
+def _load_file(path: Path, target_rate: int, block_frames: int) -> np.ndarray:
+    name = str(path)
+    if not path.exists():
+        raise AudioError(f"{name}: no such file")
+    if path.is_dir():
+        raise AudioError(f"{name}: is a directory, not an audio file")
+    try:
+        f = sf.SoundFile(path)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioError(f"{name}: cannot decode audio ({_reason(e)}); readable: "
+                         f"{READABLE}") from None
+    with f:
+        if f.samplerate <= 0:
+            raise AudioError(f"{name}: invalid sample rate {f.samplerate}")
+        acc = _Accumulator(f.samplerate, target_rate, f.frames)
+        pos = 0
+        try:
+            for block in f.blocks(block_frames, dtype="float32", always_2d=True):
+                mono = _mono(block)
+                _check_finite(mono, pos, f.samplerate, name)
+                acc.push(mono)
+                pos += len(mono)
+        except (sf.LibsndfileError, RuntimeError) as e:
+            raise AudioError(f"{name}: decoding failed after {pos} frames "
+                             f"({_reason(e)})") from None
+    if pos == 0:
+        raise AudioError(f"{name}: contains no audio samples (zero length)")
+    return acc.finish()
+
+
+def _reason(e: Exception) -> str:
+    text = str(e)
+    # libsndfile messages repeat the path: keep the part after it
+    return text.split(": ", 1)[-1] if text.startswith("Error opening") else text
+
+
+def _load_array(array: np.ndarray, sample_rate, target_rate: int,
+                block_frames: int) -> np.ndarray:
+    name = describe(array)
+    if sample_rate is None:
+        raise AudioError(f"{name}: a numpy array needs its sample_rate")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
+            or sample_rate <= 0:
+        raise AudioError(f"{name}: sample_rate {sample_rate!r} must be a positive integer")
+    scale = _INT_SCALE.get(array.dtype)
+    if scale is None and array.dtype not in _FLOATS:
+        raise AudioError(f"{name}: unsupported dtype {array.dtype}; use int16, int32, "
+                         f"float32 or float64")
+    if array.ndim == 1:
+        array = array[:, None]
+    elif array.ndim != 2:
+        raise AudioError(f"{name}: expected [samples] or [samples, channels], got "
+                         f"{array.ndim} dimensions")
+    elif array.shape[1] > MAX_CHANNELS:
+        raise AudioError(f"{name}: expected [samples, channels] (soundfile's layout) with at "
+                         f"most {MAX_CHANNELS} channels; is it [channels, samples]? pass "
+                         f"array.T")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise AudioError(f"{name}: contains no audio samples (zero length)")
+    acc = _Accumulator(int(sample_rate), target_rate, array.shape[0])
+    for start in range(0, array.shape[0], block_frames):
+        block = array[start:start + block_frames].astype(np.float32)
+        if scale is not None:
+            block *= np.float32(scale)
+        mono = _mono(block)
+        _check_finite(mono, start, int(sample_rate), name)
+        acc.push(mono)
+    return acc.finish()
+
+
+# --------------------------------------------------------------------------- clip policy
+
+def seconds_to_samples(seconds: float, rate: int) -> int:
+    return max(1, int(round(seconds * rate)))
+
+
+def frame_windows(n_samples: int, window: int, hop: int) -> list[tuple[int, int]]:
+    """Deterministic [start, end) windows covering ``n_samples``: starts 0, hop, 2*hop, ...
+    while a full window fits, plus one last window ending exactly at ``n_samples`` when the
+    regular ones stop short of it. A signal no longer than ``window`` is one window."""
+    if window <= 0 or hop <= 0:
+        raise ValueError(f"window ({window}) and hop ({hop}) must be positive")
+    if n_samples <= window:
+        return [(0, n_samples)]
+    spans = [(s, s + window) for s in range(0, n_samples - window + 1, hop)]
+    if spans[-1][1] < n_samples:
+        spans.append((n_samples - window, n_samples))
+    return spans
+
+
+def segment(signal: np.ndarray, rate: int, clip: ClipPolicy) -> list[np.ndarray]:
+    """The model inputs of one signal under the clip policy (see the module docstring).
+    Windows are views of ``signal`` (no copy)."""
+    n = len(signal)
+    min_n = seconds_to_samples(clip.min_seconds, rate)
+    if n < min_n:
+        padded = np.zeros(min_n, dtype=np.float32)
+        padded[:n] = signal
+        return [padded]
+    if n <= seconds_to_samples(clip.max_seconds, rate):
+        return [signal]
+    window = seconds_to_samples(clip.window_seconds, rate)
+    hop = seconds_to_samples(clip.hop_seconds, rate)
+    return [signal[s:e] for s, e in frame_windows(n, window, hop)]
+
+
+def padded_length(n: int, bucket: int) -> int:
+    """``n`` rounded up to a multiple of ``bucket`` (0 or 1: ``n`` itself)."""
+    return n if bucket <= 1 else bucket * math.ceil(n / bucket)
+
+
+def batch_segments(segments: Sequence[np.ndarray], length: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(waveform float32 [B, L], attention_mask int64 [B, L]): each segment left-aligned,
+    zero-padded to ``length`` (default: the longest), mask 1 on its samples."""
+    width = max(len(s) for s in segments) if length is None else length
+    waveform = np.zeros((len(segments), width), dtype=np.float32)
+    mask = np.zeros((len(segments), width), dtype=np.int64)
+    for row, seg in enumerate(segments):
+        waveform[row, :len(seg)] = seg
+        mask[row, :len(seg)] = 1
+    return waveform, mask

@@ -1,0 +1,330 @@
+"""Loading a bundle: manifest, checksums, path containment, lazy ONNX Runtime sessions.
+
+``Bundle.load(path)`` reads and validates the manifest and creates the audio tower's session;
+the text tower, the tagger, the tokenizer and the label banks are opened on first use (a
+device that only tags never pays for the text tower). Every file is checked when opened:
+
+- its path must stay inside the bundle (no absolute paths, no ``..``, no symlink pointing
+  outside), and so must every ONNX external-data location the model references, each of
+  which must also be listed in the tower's ``external_data`` with its sha256;
+- its sha256 must match the manifest (``BundleError`` names the file, expected and actual).
+
+Model bytes are read once, hashed, and handed to ONNX Runtime from memory, so the file that
+was checked is the file that runs. ``.npy`` banks are read with ``allow_pickle=False``.
+
+Optimised-model cache (``cache_dir``): for CPU-only sessions, the graph ONNX Runtime
+optimised on the first load is saved as ``cache_dir/<role>-<sha256[:16]>-ort<version>.onnx``
+and loaded on later runs with graph optimisation off, which shortens cold loads of large
+towers. The cache key covers the model bytes and the ONNX Runtime version; delete the
+directory to clear it. With the TensorRT EP, ``cache_dir/tensorrt`` holds its engine and
+timing caches instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import threading
+import time
+from pathlib import Path, PurePosixPath
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from clapedge.errors import BundleError
+from clapedge.runtime import providers as prov
+from clapedge.runtime.manifest import MANIFEST_NAME, Manifest, TowerSpec, read_manifest
+from clapedge.runtime.onnx_external import OnnxParseError, external_data_locations
+from clapedge.runtime.tokenizer import TextTokenizer
+
+log = logging.getLogger("clapedge.runtime")
+
+_state = ort.capi.onnxruntime_pybind11_state
+_ORT_LOAD_ERRORS = (_state.Fail, _state.InvalidGraph, _state.InvalidArgument, _state.NoSuchFile,
+                    _state.InvalidProtobuf, _state.NotImplemented, _state.EPFail)
+
+_ORT_DTYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+    "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+
+
+class Tower:
+    """One ONNX Runtime session plus its manifest spec; ``run`` casts inputs to the dtypes
+    the model declares and returns float outputs as float32."""
+
+    def __init__(self, role: str, spec: TowerSpec, session: ort.InferenceSession, path: Path):
+        self.role, self.spec, self.session, self.path = role, spec, session, path
+        self.input_dtypes = {i.name: _ORT_DTYPES.get(i.type, i.type)
+                             for i in session.get_inputs()}
+        self.output_names = [o.name for o in session.get_outputs()]
+        self._check_io()
+
+    def _check_io(self) -> None:
+        """The session's I/O must match the manifest (names and dtypes)."""
+        declared_in = {s.name: s.dtype for s in self.spec.inputs}
+        declared_out = {s.name: s.dtype for s in self.spec.outputs}
+        actual_out = {o.name: _ORT_DTYPES.get(o.type, o.type)
+                      for o in self.session.get_outputs()}
+        for kind, declared, actual in (("input", declared_in, self.input_dtypes),
+                                       ("output", declared_out, actual_out)):
+            for name, dtype in declared.items():
+                if name not in actual:
+                    raise BundleError(f"{self.path}: the manifest names {kind} {name!r} but "
+                                      f"the model has {sorted(actual)}")
+                if actual[name] != dtype:
+                    raise BundleError(f"{self.path}: {kind} {name!r} is {actual[name]} in the "
+                                      f"model but {dtype} in the manifest")
+        extra = sorted(set(self.input_dtypes) - set(declared_in))
+        if extra:
+            raise BundleError(f"{self.path}: model inputs {extra} are not in the manifest")
+
+    def has_input(self, name: str) -> bool:
+        return name in self.input_dtypes
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+            ) -> dict[str, np.ndarray]:
+        feed = {name: np.ascontiguousarray(value, dtype=self.input_dtypes[name])
+                for name, value in feeds.items() if name in self.input_dtypes}
+        names = list(outputs) if outputs is not None else self.output_names
+        result = self.session.run(names, feed)
+        return {name: (value.astype(np.float32) if value.dtype == np.float16 else value)
+                for name, value in zip(names, result)}
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+
+class Bundle:
+    """A loaded bundle. Use ``Bundle.load``; sessions and banks are created on first use and
+    shared by all threads (creation is guarded by a lock, ``run`` is thread-safe)."""
+
+    def __init__(self, root: Path, manifest: Manifest, choice: prov.ProviderChoice,
+                 threads: int | None, cache_dir: Path | None):
+        self.root = root
+        self.manifest = manifest
+        self.provider_choice = choice
+        self.threads = threads
+        self.cache_dir = cache_dir
+        self.load_times: dict[str, float] = {}
+        self._towers: dict[str, Tower] = {}
+        self._banks: dict[str, np.ndarray] = {}
+        self._tokenizer: TextTokenizer | None = None
+        self._lock = threading.RLock()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, providers: str | Sequence[str] = "auto",
+             threads: int | None = None, *, cache_dir: str | os.PathLike | None = None,
+             preload: Sequence[str] = ("audio",)) -> "Bundle":
+        """Open the bundle at ``path`` (a directory with ``manifest.json``).
+
+        ``providers``: "auto" or an explicit list (see ``providers.choose_providers``).
+        ``threads``: intra-op threads per session (None: physical cores).
+        ``cache_dir``: optional directory for the optimised-model / TensorRT caches.
+        ``preload``: towers to create now (the rest are created on first use).
+        """
+        t0 = time.perf_counter()
+        root = Path(path)
+        if not root.is_dir():
+            if root.name == MANIFEST_NAME and root.is_file():
+                root = root.parent
+            else:
+                raise BundleError(f"{root}: not a bundle directory (expected a directory "
+                                  f"with {MANIFEST_NAME})")
+        manifest = read_manifest(root)
+        prov.session_options(threads)  # validates ``threads`` before any work
+        choice = prov.choose_providers(providers)
+        for name, reason in choice.skipped:
+            log.info("%s skipped: %s", name, reason)
+        bundle = cls(root, manifest, choice, threads,
+                     Path(cache_dir) if cache_dir is not None else None)
+        bundle.load_times["manifest"] = time.perf_counter() - t0
+        for role in preload:
+            bundle.tower(role)
+        bundle.load_times["load"] = time.perf_counter() - t0
+        return bundle
+
+    # -- files
+
+    def resolve(self, rel: str, base: Path | None = None, what: str = "file") -> Path:
+        """The path of ``rel`` (relative to ``base``, default the bundle root), refused when
+        it is absolute, uses ``..`` or resolves (through symlinks) outside the bundle."""
+        base = self.root if base is None else base
+        if not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")) \
+                or PurePosixPath(rel).is_absolute() or (len(rel) > 1 and rel[1] == ":"):
+            raise BundleError(f"{self.root}: {what} path {rel!r} is absolute; bundle files "
+                              f"must be relative to the bundle")
+        if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
+            raise BundleError(f"{self.root}: {what} path {rel!r} uses '..'; bundle files must "
+                              f"stay inside the bundle")
+        full = base / rel
+        real, root_real = full.resolve(), self.root.resolve()
+        if real != root_real and root_real not in real.parents:
+            raise BundleError(f"{full}: {what} resolves to {real}, outside the bundle "
+                              f"{root_real} (a symlink pointing out of the bundle?)")
+        return full
+
+    def read_verified(self, rel: str, sha256: str, what: str = "file") -> tuple[Path, bytes]:
+        """Read a bundle file and check its sha256 against the manifest."""
+        path = self.resolve(rel, what=what)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BundleError(f"{path}: {what} named in the manifest is missing") from None
+        except OSError as e:
+            raise BundleError(f"{path}: cannot read {what} ({e.strerror})") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise BundleError(f"{path}: checksum mismatch (expected sha256 {sha256}, got "
+                              f"{actual}); the bundle is corrupt or was modified")
+        return path, data
+
+    # -- towers
+
+    def has_tower(self, role: str) -> bool:
+        return getattr(self.manifest.towers, role, None) is not None
+
+    def tower(self, role: str) -> Tower:
+        """The tower's session, created on first use."""
+        tower = self._towers.get(role)
+        if tower is not None:
+            return tower
+        with self._lock:
+            if role not in self._towers:
+                spec = getattr(self.manifest.towers, role, None)
+                if spec is None:
+                    raise BundleError(f"{self.root}: the bundle has no {role} tower")
+                t0 = time.perf_counter()
+                self._towers[role] = self._open_tower(role, spec)
+                self.load_times[role] = time.perf_counter() - t0
+                log.info("%s tower (%s, %s): %s in %.1f ms", role, spec.file, spec.precision,
+                         " > ".join(self._towers[role].providers),
+                         1e3 * self.load_times[role])
+            return self._towers[role]
+
+    def _open_tower(self, role: str, spec: TowerSpec) -> Tower:
+        path, data = self.read_verified(spec.file, spec.sha256, what=f"{role} tower")
+        has_external = self._check_external_data(path, data, spec)
+        so = prov.session_options(self.threads)
+        providers = [(name, prov.provider_options(name, precision=spec.precision,
+                                                  cache_dir=self.cache_dir))
+                     for name in self.provider_choice.providers]
+        cached = None
+        if self.cache_dir is not None and not has_external \
+                and self.provider_choice.providers == (prov.CPU,):
+            cached = self.cache_dir / f"{role}-{spec.sha256[:16]}-ort{ort.__version__}.onnx"
+        try:
+            if has_external:
+                # ONNX Runtime resolves external data relative to the model's directory.
+                session = ort.InferenceSession(str(path), so, providers=providers)
+            elif cached is not None and cached.is_file():
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                session = ort.InferenceSession(cached.read_bytes(), so, providers=providers)
+            elif cached is not None:
+                session = self._create_and_cache(data, so, providers, cached)
+            else:
+                session = ort.InferenceSession(data, so, providers=providers)
+        except _ORT_LOAD_ERRORS as e:
+            raise BundleError(f"{path}: onnxruntime cannot load the {role} tower: {e}") from None
+        wanted = self.provider_choice.providers[0]
+        if wanted not in session.get_providers():
+            log.warning("%s tower: %s was requested but onnxruntime could not enable it "
+                        "(see its log; missing CUDA/TensorRT libraries?); running on %s",
+                        role, wanted, " > ".join(session.get_providers()))
+        return Tower(role, spec, session, path)
+
+    def _create_and_cache(self, data: bytes, so: ort.SessionOptions, providers,
+                          cached: Path) -> ort.InferenceSession:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        so.optimized_model_filepath = str(tmp)
+        session = ort.InferenceSession(data, so, providers=providers)
+        try:
+            os.replace(tmp, cached)
+        except OSError as e:  # a cache that cannot be written only costs speed
+            log.warning("cannot write the optimised-model cache %s: %s", cached, e)
+            tmp.unlink(missing_ok=True)
+        return session
+
+    def _check_external_data(self, path: Path, data: bytes, spec: TowerSpec) -> bool:
+        """Refuse external-data locations that escape the bundle or are not in the manifest;
+        verify the checksums of those that are. Returns whether the model has any."""
+        try:
+            locations = external_data_locations(data)
+        except OnnxParseError as e:
+            raise BundleError(f"{path}: not a valid ONNX model ({e})") from None
+        if not locations:
+            return False
+        listed = {os.path.normpath(x.file): x for x in spec.external_data}
+        model_dir_rel = PurePosixPath(spec.file).parent
+        checked = set()
+        for location in locations:
+            if not location:
+                raise BundleError(f"{path}: a tensor is marked as external data but names no "
+                                  f"location")
+            self.resolve(location, base=path.parent, what="external data")
+            rel = os.path.normpath(str(model_dir_rel / location))
+            if rel not in listed:
+                raise BundleError(f"{path}: external data file {location!r} is not listed in "
+                                  f"the manifest's external_data for this tower")
+            if rel not in checked:
+                self.read_verified(listed[rel].file, listed[rel].sha256, what="external data")
+                checked.add(rel)
+        return True
+
+    # -- banks and tokenizer
+
+    def bank(self, name: str) -> np.ndarray:
+        """The bank's float32 [n_labels, embed_dim] matrix (rows L2-normalised)."""
+        matrix = self._banks.get(name)
+        if matrix is not None:
+            return matrix
+        spec = self.manifest.banks.get(name)
+        if spec is None:
+            raise BundleError(f"{self.root}: no label bank {name!r}; the bundle has "
+                              f"{sorted(self.manifest.banks)}")
+        with self._lock:
+            if name not in self._banks:
+                path, data = self.read_verified(spec.file, spec.sha256, what=f"bank {name!r}")
+                self._banks[name] = self._parse_bank(path, data, len(spec.labels))
+            return self._banks[name]
+
+    def _parse_bank(self, path: Path, data: bytes, n_labels: int) -> np.ndarray:
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise BundleError(f"{path}: not a readable .npy array ({e})") from None
+        dim = self.manifest.embed_dim
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f" \
+                or arr.shape != (n_labels, dim):
+            raise BundleError(f"{path}: expected a float array of shape ({n_labels}, {dim}), "
+                              f"got {getattr(arr, 'dtype', '?')} {getattr(arr, 'shape', '?')}")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        norms = np.linalg.norm(arr, axis=1)
+        if not np.all(np.isfinite(arr)) or np.any(np.abs(norms - 1.0) > 1e-2):
+            raise BundleError(f"{path}: bank rows must be finite and L2-normalised "
+                              f"(norms {norms.min():.3f}..{norms.max():.3f})")
+        arr.setflags(write=False)
+        return arr
+
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            spec = self.manifest.tokenizer
+            if spec is None:
+                raise BundleError(f"{self.root}: the bundle has no tokenizer")
+            with self._lock:
+                if self._tokenizer is None:
+                    path, data = self.read_verified(spec.file, spec.sha256, what="tokenizer")
+                    self._tokenizer = TextTokenizer(data, spec, str(path))
+        return self._tokenizer
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        towers = ", ".join(f"{r}={t.precision}" for r, t in m.towers.items())
+        return (f"Bundle({str(self.root)!r}, model={m.model.name!r}, {towers}, "
+                f"banks={sorted(m.banks)}, providers={list(self.provider_choice.providers)})")
