@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
@@ -169,19 +170,25 @@ class Bundle:
                               f"{root_real} (a symlink pointing out of the bundle?)")
         return full
 
-    def read_verified(self, rel: str, sha256: str, what: str = "file") -> tuple[Path, bytes]:
-        """Read a bundle file and check its sha256 against the manifest."""
+    def _read(self, rel: str, what: str) -> tuple[Path, bytes]:
         path = self.resolve(rel, what=what)
         try:
-            data = path.read_bytes()
+            return path, path.read_bytes()
         except FileNotFoundError:
             raise BundleError(f"{path}: {what} named in the manifest is missing") from None
         except OSError as e:
             raise BundleError(f"{path}: cannot read {what} ({e.strerror})") from None
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != sha256:
-            raise BundleError(f"{path}: checksum mismatch (expected sha256 {sha256}, got "
+
+    @staticmethod
+    def _verify(path: Path, actual: str, expected: str) -> None:
+        if actual != expected:
+            raise BundleError(f"{path}: checksum mismatch (expected sha256 {expected}, got "
                               f"{actual}); the bundle is corrupt or was modified")
+
+    def read_verified(self, rel: str, sha256: str, what: str = "file") -> tuple[Path, bytes]:
+        """Read a bundle file and check its sha256 against the manifest."""
+        path, data = self._read(rel, what)
+        self._verify(path, hashlib.sha256(data).hexdigest(), sha256)
         return path, data
 
     # -- towers
@@ -208,7 +215,38 @@ class Bundle:
             return self._towers[role]
 
     def _open_tower(self, role: str, spec: TowerSpec) -> Tower:
-        path, data = self.read_verified(spec.file, spec.sha256, what=f"{role} tower")
+        path, data = self._read(spec.file, what=f"{role} tower")
+        # Hashing a large tower costs about as much as creating its session, so the two run
+        # side by side (hashlib releases the GIL); a mismatch still wins over anything
+        # onnxruntime says about the bytes.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
+            try:
+                session, error = self._create_session(role, spec, path, data), None
+            except BundleError as e:
+                session, error = None, e
+            self._verify(path, digest.result(), spec.sha256)
+        if error is not None:
+            raise error
+        self._check_metadata(path, session)
+        wanted = self.provider_choice.providers[0]
+        if wanted not in session.get_providers():
+            log.warning("%s tower: %s was requested but onnxruntime could not enable it "
+                        "(see its log; missing CUDA/TensorRT libraries?); running on %s",
+                        role, wanted, " > ".join(session.get_providers()))
+        return Tower(role, spec, session, path)
+
+    def _check_metadata(self, path: Path, session: ort.InferenceSession) -> None:
+        """A tower may describe itself in ONNX ``metadata_props`` (see ``manifest``); where
+        it does, it must agree with the manifest."""
+        props = session.get_modelmeta().custom_metadata_map
+        for key in ("sample_rate", "embed_dim"):
+            if key in props and props[key].strip() != str(getattr(self.manifest, key)):
+                raise BundleError(f"{path}: the model's metadata says {key}={props[key]} but "
+                                  f"the manifest says {getattr(self.manifest, key)}")
+
+    def _create_session(self, role: str, spec: TowerSpec, path: Path,
+                        data: bytes) -> ort.InferenceSession:
         has_external = self._check_external_data(path, data, spec)
         so = prov.session_options(self.threads)
         providers = [(name, prov.provider_options(name, precision=spec.precision,
@@ -221,22 +259,15 @@ class Bundle:
         try:
             if has_external:
                 # ONNX Runtime resolves external data relative to the model's directory.
-                session = ort.InferenceSession(str(path), so, providers=providers)
-            elif cached is not None and cached.is_file():
+                return ort.InferenceSession(str(path), so, providers=providers)
+            if cached is not None and cached.is_file():
                 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                session = ort.InferenceSession(cached.read_bytes(), so, providers=providers)
-            elif cached is not None:
-                session = self._create_and_cache(data, so, providers, cached)
-            else:
-                session = ort.InferenceSession(data, so, providers=providers)
+                return ort.InferenceSession(cached.read_bytes(), so, providers=providers)
+            if cached is not None:
+                return self._create_and_cache(data, so, providers, cached)
+            return ort.InferenceSession(data, so, providers=providers)
         except _ORT_LOAD_ERRORS as e:
             raise BundleError(f"{path}: onnxruntime cannot load the {role} tower: {e}") from None
-        wanted = self.provider_choice.providers[0]
-        if wanted not in session.get_providers():
-            log.warning("%s tower: %s was requested but onnxruntime could not enable it "
-                        "(see its log; missing CUDA/TensorRT libraries?); running on %s",
-                        role, wanted, " > ".join(session.get_providers()))
-        return Tower(role, spec, session, path)
 
     def _create_and_cache(self, data: bytes, so: ort.SessionOptions, providers,
                           cached: Path) -> ort.InferenceSession:

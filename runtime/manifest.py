@@ -32,6 +32,12 @@ them; ``batch``, ``samples`` and ``tokens`` are named dynamic dimensions)::
             out  indices         int64   [batch, k]   row indices into that bank
             out  embedding       float32 [batch, embed_dim]  optional
 
+Each ONNX file should also describe itself in ``metadata_props`` (as sherpa-onnx models
+do), so a file separated from its bundle stays usable: ``role`` (audio|text|tagger),
+``sample_rate``, ``embed_dim``, ``precision``, ``format_version``; for the tagger also
+``bank`` and ``k``. The runtime checks ``sample_rate`` and ``embed_dim`` against the
+manifest where present.
+
 fp16 and int8 towers keep float32 inputs and outputs (the runtime casts to whatever dtype
 a tower declares, so a float16 input also works, but float32 I/O is the convention).
 

@@ -301,3 +301,17 @@ def test_optimised_model_cache(bundle_dir, tmp_path):
     assert len(files) == 1 and files[0].startswith("audio-") and files[0].endswith(".onnx")
     second = Runtime(bundle_dir, cache_dir=cache, threads=1).embed_audio(x, 16000)
     np.testing.assert_allclose(first, second, rtol=0, atol=1e-6)
+
+
+def test_model_metadata_must_agree_with_the_manifest(bundle_dir):
+    model = onnx.load(bundle_dir / "audio.onnx")
+    onnx.helper.set_model_props(model, {"role": "audio", "sample_rate": "16000",
+                                        "embed_dim": "8"})
+    onnx.save_model(model, bundle_dir / "audio.onnx")
+    rehash(bundle_dir, "audio.onnx", "towers", "audio")
+    Bundle.load(bundle_dir)
+    onnx.helper.set_model_props(model, {"sample_rate": "22050"})
+    onnx.save_model(model, bundle_dir / "audio.onnx")
+    rehash(bundle_dir, "audio.onnx", "towers", "audio")
+    with pytest.raises(BundleError, match="metadata says sample_rate=22050 but the manifest"):
+        Bundle.load(bundle_dir)
