@@ -40,6 +40,8 @@ from pathlib import Path
 
 import click
 import numpy as np
+import soundfile as sf
+import soxr
 from rich.console import Console
 
 from clapedge.errors import ClapEdgeError, ConfigError
@@ -208,8 +210,6 @@ def plan_corpus(config: CorpusConfig, sentences: list[str] | None = None) -> lis
 
 def render_clip(plan: ClipPlan, library_path: str, seed: int) -> np.ndarray:
     """The clip's 16 kHz int16 samples."""
-    import soxr  # imported here so that planning and manifests need no resampler
-
     audio, sr = espeak.synthesize(plan.params, library_path)
     audio = soxr.resample(audio, sr, SAMPLE_RATE, quality="HQ").astype(np.float32)
     audio = fx.trim_silence(audio, SAMPLE_RATE)
@@ -261,8 +261,6 @@ def _init_worker(library_path: str, wav_dir: str, seed: int) -> None:
 
 
 def _render_and_write(plan: ClipPlan) -> dict:
-    import soundfile as sf
-
     samples = render_clip(plan, _WORKER["library"], _WORKER["seed"])
     sf.write(os.path.join(_WORKER["wav_dir"], f"{plan.clip_id}.wav"), samples, SAMPLE_RATE,
              subtype="PCM_16", format="WAV")
@@ -270,8 +268,6 @@ def _render_and_write(plan: ClipPlan) -> dict:
 
 
 def _versions() -> dict[str, str]:
-    import soundfile as sf
-
     out = {"espeak-ng": espeak.espeak_version(), "numpy": np.__version__,
            "libsndfile": sf.__libsndfile_version__}
     for dist in ("clapedge", "soxr", "soundfile"):
