@@ -46,6 +46,7 @@ from clapedge.runtime.bundle import Bundle
 from clapedge.runtime.manifest import (ATTENTION_MASK, EMBEDDING, HEAD_PREFIX, INDICES,
                                        INPUT_IDS, SCORES, WAVEFORM)
 from clapedge.runtime.results import AudioEncoding, Ranked, Tag
+from clapedge.runtime.stream import AudioStream, StreamConfig, StreamEvent, smoothed
 
 
 DEFAULT_BATCH = 8
@@ -342,6 +343,45 @@ class Runtime:
         weights = _softmax(self.manifest.logit_scale * cos.astype(np.float64))
         values = np.array([spec.values[label] for label in spec.labels], dtype=np.float64)
         return float(weights @ values)
+
+    # -- streaming (see ``stream``)
+
+    def create_stream(self, window_s: float = 2.0, hop_s: float = 0.5,
+                      banks: Iterable[str] | None = None, *, k: int | None = 3,
+                      smooth: int = 1, max_buffer_s: float = 60.0) -> AudioStream:
+        """A stream tagged with ``banks`` (bank or head names; default: the default bank;
+        ``[]``: embeddings only) over windows of ``window_s`` every ``hop_s``."""
+        _check_k(k)
+        names = [self.default_bank()] if banks is None else list(banks)
+        for name in names:
+            self.labels(name)
+        return AudioStream(self.sample_rate, StreamConfig(
+            float(window_s), float(hop_s), tuple(names), k, smooth, float(max_buffer_s)))
+
+    def is_ready(self, stream: AudioStream) -> bool:
+        """Whether ``decode(stream)`` has a window to decode."""
+        return stream.is_ready()
+
+    def decode(self, stream: AudioStream) -> StreamEvent | None:
+        """Decode the stream's next window into an event (also queued for
+        ``stream.results()``); None when no window is ready."""
+        with stream.decode_lock:
+            item = stream.take_window()
+            if item is None:
+                return None
+            start, end, samples = item
+            enc = self._encode([samples], DEFAULT_BATCH)[0]
+            stream.recent.append(enc)
+            basis = smoothed(list(stream.recent))
+            heads = self.manifest.towers.audio.heads
+            tags = {name: (self._head_tags(basis.heads[name], name, stream.config.k)
+                           if name in heads else
+                           self._bank_tags(basis.embedding, name, stream.config.k))
+                    for name in stream.config.banks}
+            event = StreamEvent(start / self.sample_rate, end / self.sample_rate,
+                                enc.embedding, tags)
+            stream._emit(event)
+            return event
 
 
 ClapRuntime = Runtime

@@ -77,12 +77,29 @@ def describe(source) -> str:
     return type(source).__name__
 
 
+class Resampler:
+    """Streaming soxr "HQ" resampler (or a pass-through at equal rates). Its output does not
+    depend on how the input is chunked, so a stream and a whole file give the same signal."""
+
+    def __init__(self, in_rate: int, out_rate: int):
+        self.in_rate, self.out_rate = in_rate, out_rate
+        self._soxr = None if in_rate == out_rate else soxr.ResampleStream(
+            in_rate, out_rate, 1, dtype="float32", quality="HQ")
+
+    def process(self, mono: np.ndarray, last: bool = False) -> np.ndarray:
+        if self._soxr is None:
+            return mono
+        return self._soxr.resample_chunk(mono, last=last)
+
+    def flush(self) -> np.ndarray:
+        return self.process(np.zeros(0, np.float32), last=True)
+
+
 class _Accumulator:
     """Resamples mono blocks (or passes them through) into one growing float32 buffer."""
 
     def __init__(self, in_rate: int, out_rate: int, expected_in: int):
-        self.stream = None if in_rate == out_rate else soxr.ResampleStream(
-            in_rate, out_rate, 1, dtype="float32", quality="HQ")
+        self.resampler = Resampler(in_rate, out_rate)
         # a header's frame count can be an estimate (MP3) or absurd: cap the first guess
         expected = min(max(0, expected_in), 1 << 25) * out_rate // in_rate + 64
         self.buf = np.empty(expected, dtype=np.float32)
@@ -97,18 +114,16 @@ class _Accumulator:
         self.n += len(y)
 
     def push(self, mono: np.ndarray) -> None:
-        self._append(mono if self.stream is None
-                     else self.stream.resample_chunk(mono, last=False))
+        self._append(self.resampler.process(mono))
 
     def finish(self) -> np.ndarray:
-        if self.stream is not None:
-            self._append(self.stream.resample_chunk(np.zeros(0, np.float32), last=True))
+        self._append(self.resampler.flush())
         if len(self.buf) > self.n + 4096:
             return self.buf[:self.n].copy()
         return self.buf[:self.n]
 
 
-def _check_finite(mono: np.ndarray, offset: int, rate: int, name: str) -> None:
+def check_finite(mono: np.ndarray, offset: int, rate: int, name: str) -> None:
     bad = ~np.isfinite(mono)
     if bad.any():
         i = offset + int(np.argmax(bad))
@@ -139,7 +154,7 @@ def _load_file(path: Path, target_rate: int, block_frames: int) -> np.ndarray:
         try:
             for block in f.blocks(block_frames, dtype="float32", always_2d=True):
                 mono = _mono(block)
-                _check_finite(mono, pos, f.samplerate, name)
+                check_finite(mono, pos, f.samplerate, name)
                 acc.push(mono)
                 pos += len(mono)
         except (sf.LibsndfileError, RuntimeError) as e:
@@ -156,36 +171,52 @@ def _reason(e: Exception) -> str:
     return text.split(": ", 1)[-1] if text.startswith("Error opening") else text
 
 
-def _load_array(array: np.ndarray, sample_rate, target_rate: int,
-                block_frames: int) -> np.ndarray:
-    name = describe(array)
+def check_rate(sample_rate, name: str) -> int:
     if sample_rate is None:
         raise AudioError(f"{name}: a numpy array needs its sample_rate")
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
             or sample_rate <= 0:
         raise AudioError(f"{name}: sample_rate {sample_rate!r} must be a positive integer")
-    scale = _INT_SCALE.get(array.dtype)
-    if scale is None and array.dtype not in _FLOATS:
+    return int(sample_rate)
+
+
+def as_frames(array: np.ndarray, name: str) -> np.ndarray:
+    """Check an array's dtype and layout; returns it as [samples, channels] (a view)."""
+    if array.dtype not in _INT_SCALE and array.dtype not in _FLOATS:
         raise AudioError(f"{name}: unsupported dtype {array.dtype}; use int16, int32, "
                          f"float32 or float64")
     if array.ndim == 1:
-        array = array[:, None]
-    elif array.ndim != 2:
+        return array[:, None]
+    if array.ndim != 2:
         raise AudioError(f"{name}: expected [samples] or [samples, channels], got "
                          f"{array.ndim} dimensions")
-    elif array.shape[1] > MAX_CHANNELS:
+    if array.shape[1] > MAX_CHANNELS:
         raise AudioError(f"{name}: expected [samples, channels] (soundfile's layout) with at "
                          f"most {MAX_CHANNELS} channels; is it [channels, samples]? pass "
                          f"array.T")
+    return array
+
+
+def to_mono(frames: np.ndarray) -> np.ndarray:
+    """[samples, channels] int16/int32/float -> float32 mono (integers scaled to [-1, 1))."""
+    block = frames.astype(np.float32)
+    scale = _INT_SCALE.get(frames.dtype)
+    if scale is not None:
+        block *= np.float32(scale)
+    return _mono(block)
+
+
+def _load_array(array: np.ndarray, sample_rate, target_rate: int,
+                block_frames: int) -> np.ndarray:
+    name = describe(array)
+    rate = check_rate(sample_rate, name)
+    array = as_frames(array, name)
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise AudioError(f"{name}: contains no audio samples (zero length)")
-    acc = _Accumulator(int(sample_rate), target_rate, array.shape[0])
+    acc = _Accumulator(rate, target_rate, array.shape[0])
     for start in range(0, array.shape[0], block_frames):
-        block = array[start:start + block_frames].astype(np.float32)
-        if scale is not None:
-            block *= np.float32(scale)
-        mono = _mono(block)
-        _check_finite(mono, start, int(sample_rate), name)
+        mono = to_mono(array[start:start + block_frames])
+        check_finite(mono, start, rate, name)
         acc.push(mono)
     return acc.finish()
 

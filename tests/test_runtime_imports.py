@@ -13,7 +13,7 @@ sys.meta_path.insert(0, Block())
 """
 
 MODULES = ["api", "audio", "bundle", "cli_tag", "manifest", "onnx_external", "providers",
-           "results", "tokenizer"]
+           "results", "stream", "tokenizer"]
 
 
 def test_runtime_modules_import_without_torch_or_onnx():
