@@ -135,7 +135,11 @@ def _mono(block: np.ndarray) -> np.ndarray:
     return block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
 
 
-def _load_file(path: Path, target_rate: int, block_frames: int) -> np.ndarray:
+def read_blocks(path: str | os.PathLike, block_frames: int = BLOCK_FRAMES):
+    """Decode a file block by block: yields (sample_rate, float32 mono block), each block
+    checked for NaN/Inf. Raises ``AudioError`` naming the file for anything unreadable,
+    including a file without samples."""
+    path = Path(path)
     name = str(path)
     if not path.exists():
         raise AudioError(f"{name}: no such file")
@@ -149,19 +153,30 @@ def _load_file(path: Path, target_rate: int, block_frames: int) -> np.ndarray:
     with f:
         if f.samplerate <= 0:
             raise AudioError(f"{name}: invalid sample rate {f.samplerate}")
-        acc = _Accumulator(f.samplerate, target_rate, f.frames)
         pos = 0
-        try:
-            for block in f.blocks(block_frames, dtype="float32", always_2d=True):
-                mono = _mono(block)
-                check_finite(mono, pos, f.samplerate, name)
-                acc.push(mono)
-                pos += len(mono)
-        except (sf.LibsndfileError, RuntimeError) as e:
-            raise AudioError(f"{name}: decoding failed after {pos} frames "
-                             f"({_reason(e)})") from None
+        blocks = f.blocks(block_frames, dtype="float32", always_2d=True)
+        while True:
+            try:
+                block = next(blocks, None)
+            except (sf.LibsndfileError, RuntimeError) as e:
+                raise AudioError(f"{name}: decoding failed after {pos} frames "
+                                 f"({_reason(e)})") from None
+            if block is None:
+                break
+            mono = _mono(block)
+            check_finite(mono, pos, f.samplerate, name)
+            pos += len(mono)
+            yield f.samplerate, mono
     if pos == 0:
         raise AudioError(f"{name}: contains no audio samples (zero length)")
+
+
+def _load_file(path: Path, target_rate: int, block_frames: int) -> np.ndarray:
+    acc = None
+    for rate, mono in read_blocks(path, block_frames):
+        if acc is None:
+            acc = _Accumulator(rate, target_rate, sf.info(str(path)).frames)
+        acc.push(mono)
     return acc.finish()
 
 

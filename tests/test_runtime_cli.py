@@ -95,3 +95,60 @@ def test_bad_bundle_exits_2(setup, tmp_path):
     result = run(tmp_path, files[0])
     assert result.exit_code == 2
     assert "no manifest here" in result.stderr and "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------- clap-stream, clap-bench
+
+def test_clap_stream_file_prints_the_offline_windows(setup):
+    from clapedge.runtime.audio import frame_windows
+    from clapedge.runtime.cli_stream import main as stream_main
+    root, files, _ = setup
+    result = CliRunner().invoke(stream_main, [str(root), files[1], "--speed", "0",
+                                              "--window", "1.0", "--hop", "0.5", "-k", "2"])
+    assert result.exit_code == 0, result.output
+    events = [json.loads(x) for x in result.stdout.splitlines()]
+    signal = Runtime(root).load_audio(files[1])
+    spans = frame_windows(len(signal), RATE, RATE // 2)
+    assert [(e["start_s"], e["end_s"]) for e in events] == [(a / RATE, b / RATE)
+                                                            for a, b in spans]
+    rt = Runtime(root)
+    for event, (a, b) in zip(events, spans):
+        assert [t["label"] for t in event["tags"]["emotion"]] == \
+            [t.label for t in rt.tag(signal[a:b], "emotion", k=2, sample_rate=RATE)]
+
+
+def test_clap_stream_raw_pcm_from_stdin(setup):
+    from clapedge.runtime.cli_stream import main as stream_main
+    root, _, _ = setup
+    pcm = np.round(tone(2.2, 8000) * 32767).astype("<i2")
+    result = CliRunner().invoke(stream_main, [str(root), "-", "--rate", "8000", "--window",
+                                              "1.0", "--hop", "1.0", "--bank", "sex"],
+                                input=pcm.tobytes())
+    assert result.exit_code == 0, result.output
+    events = [json.loads(x) for x in result.stdout.splitlines()]
+    assert [(e["start_s"], e["end_s"]) for e in events] == [(0.0, 1.0), (1.0, 2.0), (1.2, 2.2)]
+    assert all(list(e["tags"]) == ["sex"] for e in events)
+
+
+def test_clap_stream_unreadable_file_exits_2(setup):
+    from clapedge.runtime.cli_stream import main as stream_main
+    root, _, broken = setup
+    result = CliRunner().invoke(stream_main, [str(root), broken, "--speed", "0"])
+    assert result.exit_code == 2
+    assert "cannot decode audio" in result.stderr and "Traceback" not in result.output
+
+
+def test_clap_bench_json(setup):
+    from clapedge.runtime.cli_bench import main as bench_main
+    root, _, _ = setup
+    result = CliRunner().invoke(bench_main, [str(root), "--runs", "5", "--warmup", "1",
+                                             "--batch", "2", "--stream-seconds", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["model"] == "tiny-test" and report["providers"] == ["CPUExecutionProvider"]
+    assert report["offline"]["runs"] == 5 and report["load_ms"] > 0
+    assert 0 < report["offline"]["p50_ms"] <= report["offline"]["p99_ms"]
+    assert report["stream"]["runs"] == 3  # 3 s, window 2 s, hop 0.5 s: 0-2, 0.5-2.5, 1-3
+    assert report["peak_rss_mb"] > 0
+    table = CliRunner().invoke(bench_main, [str(root), "--runs", "2", "--stream-seconds", "2"])
+    assert table.exit_code == 0 and "offline 4 s clip" in table.stdout

@@ -12,8 +12,8 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 """
 
-MODULES = ["api", "audio", "bundle", "cli_tag", "manifest", "onnx_external", "providers",
-           "results", "stream", "tokenizer"]
+MODULES = ["api", "audio", "benchmark", "bundle", "cli_bench", "cli_stream", "cli_tag",
+           "manifest", "onnx_external", "providers", "results", "stream", "tokenizer"]
 
 
 def test_runtime_modules_import_without_torch_or_onnx():
