@@ -59,6 +59,28 @@ def masked_group_norm(x: torch.Tensor, mask: torch.Tensor, norm: nn.GroupNorm) -
     return normed
 
 
+class MaskedConvStack(nn.Module):
+    """data2vec-audio's positional embedding is a stack of convs; HF zeroes padded frames only
+    before the first, so from the second on the valid frames near the end would see non-zero
+    padding (a clip would embed differently alone and in a batch). Re-zeroing after every layer
+    gives each layer what it sees for the clip alone. Keeps HF's ``layers`` (same weights and
+    state-dict keys); the tower sets ``frame_mask`` around each encoder call."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        super().__init__()
+        self.layers = layers
+        self.frame_mask: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.transpose(1, 2)
+        keep = None if self.frame_mask is None else self.frame_mask.to(hidden.dtype).unsqueeze(1)
+        for layer in self.layers:
+            hidden = layer(hidden)
+            if keep is not None:
+                hidden = hidden * keep
+        return hidden.transpose(1, 2)
+
+
 class AudioTower(nn.Module):
     """``base`` is the HF backbone (name kept from the seed checkpoints: audio_branch.base.*)."""
 
@@ -69,6 +91,9 @@ class AudioTower(nn.Module):
         self.normalize_waveform = cfg.normalize_waveform
         self.kernels = list(self.base.config.conv_kernel)
         self.strides = list(self.base.config.conv_stride)
+        if cfg.backbone == "data2vec-audio":
+            encoder = self.base.encoder
+            encoder.pos_conv_embed = MaskedConvStack(encoder.pos_conv_embed.layers)
 
     @property
     def hidden_size(self) -> int:
@@ -103,5 +128,13 @@ class AudioTower(nn.Module):
         if isinstance(projected, tuple):  # wav2vec2/WavLM also return the normed features
             projected = projected[0]
         # The encoder zeroes padded frames before the positional conv and masks them as keys.
-        hidden = self.base.encoder(projected, attention_mask=frame_mask)[0]
+        pos_conv = self.base.encoder.pos_conv_embed
+        stack = pos_conv if isinstance(pos_conv, MaskedConvStack) else None
+        if stack is not None:
+            stack.frame_mask = frame_mask
+        try:
+            hidden = self.base.encoder(projected, attention_mask=frame_mask)[0]
+        finally:
+            if stack is not None:
+                stack.frame_mask = None
         return self.pooling(hidden, frame_mask), frame_mask

@@ -20,7 +20,7 @@ from torch import nn
 
 from clapedge.errors import ConfigError
 from clapedge.models.audio import AudioTower
-from clapedge.models.config import ClapConfig, TokenizerConfig
+from clapedge.models.config import ClapConfig, TokenizerConfig, validate
 from clapedge.models.heads import AttributeHeads
 from clapedge.models.projection import build_projection
 from clapedge.models.state_dict import LoadReport, strict_load
@@ -56,6 +56,7 @@ def _lengths(wave: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 class ClapModel(nn.Module):
     def __init__(self, config: ClapConfig) -> None:
         super().__init__()
+        validate(config)  # again: dataclass fields may have been changed since construction
         self.config = config
         self.audio_branch = AudioTower(config.audio)
         self.text_branch = TextTower(config.text)
@@ -99,7 +100,7 @@ class ClapModel(nn.Module):
         source = Path(source)
         folder = source.parent if source.is_file() else source
         files = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
-        if source.is_file() and source.name != "tokenizer.json" or "tokenizer.json" not in files:
+        if (source.is_file() and source.name != "tokenizer.json") or "tokenizer.json" not in files:
             raise ConfigError(f"tokenizer source {source}: a tokenizer.json (HF tokenizers) is needed")
         current = self.config.tokenizer
         self.config = dataclasses.replace(self.config, tokenizer=TokenizerConfig(

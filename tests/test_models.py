@@ -455,3 +455,42 @@ def test_audio_tower_exports_to_onnx_with_dynamic_batch_and_samples(tmp_path):
         expected = model.embed_audio(batch, mask).numpy()
     assert got.shape == (3, 16)
     assert abs(got - expected).max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- other backbones
+
+def other_backbone(kind: str) -> ClapConfig:
+    """Tiny HuBERT / data2vec-audio / GroupNorm wav2vec2 towers (no preset uses them)."""
+    data = build_preset("paraclap", tiny=True, audio_pooling="masked_mean").to_dict()
+    audio = data["audio"]
+    audio["backbone"] = kind
+    if kind == "data2vec-audio":  # LayerNorm front end always; a stack of positional convs
+        del audio["backbone_config"]["feat_extract_norm"], audio["backbone_config"]["do_stable_layer_norm"]
+        audio["backbone_config"].update(num_conv_pos_embeddings=3, conv_pos_kernel_size=5)
+    if kind == "wav2vec2":
+        audio["backbone_config"].update(feat_extract_norm="group", do_stable_layer_norm=False)
+    return ClapConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("kind", ["hubert", "data2vec-audio", "wav2vec2"])
+def test_other_audio_backbones_are_padding_invariant_and_reload(kind, tmp_path):
+    torch.manual_seed(0)
+    model = ClapModel.from_config(other_backbone(kind)).eval()
+    clips, batch, mask = padded_batch(LENGTHS)
+    with torch.no_grad():
+        alone = torch.cat([model.embed_audio(c[None]) for c in clips])
+        torch.testing.assert_close(model.embed_audio(batch, mask), alone, atol=1e-5, rtol=0)
+        reference = model.audio_branch.base(clips[1][None]).last_hidden_state.mean(dim=1)
+        pooled, _ = model.audio_branch(clips[1][None], torch.tensor([len(clips[1])]))
+    torch.testing.assert_close(pooled, reference, atol=1e-6, rtol=0)  # same maths as plain HF
+    model.save_dir(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(ClapModel.from_dir(tmp_path / "m").embed_audio(batch, mask),
+                           model.embed_audio(batch, mask))
+
+
+def test_a_config_edited_after_construction_is_validated_again():
+    cfg = build_preset("ess-clap", tiny=True)
+    cfg.audio.pooling = "max"
+    with pytest.raises(ConfigError, match="audio.pooling='max'"):
+        ClapModel.from_config(cfg)
