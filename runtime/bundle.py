@@ -9,19 +9,29 @@ device that only tags never pays for the text tower). Every file is checked when
   which must also be listed in the tower's ``external_data`` with its sha256;
 - its sha256 must match the manifest (``BundleError`` names the file, expected and actual).
 
-Model bytes are read once, hashed, and handed to ONNX Runtime from memory, so the file that
-was checked is the file that runs. ``.npy`` banks are read with ``allow_pickle=False``.
+A tower is memory-mapped once for its checksum and its external-data check, and ONNX Runtime
+creates the session from the same path while the hash runs beside it. The checksums catch
+corrupt, truncated or modified files; they are not a signature (whoever can write the bundle
+can rewrite its manifest too). ``.npy`` banks are read with ``allow_pickle=False``.
 
-Optimised-model cache (``cache_dir``): for CPU-only sessions, the graph ONNX Runtime
-optimised on the first load is saved as ``cache_dir/<role>-<sha256[:16]>-ort<version>.onnx``
-and loaded on later runs with graph optimisation off, which shortens cold loads of large
-towers. The cache key covers the model bytes and the ONNX Runtime version; delete the
-directory to clear it. With the TensorRT EP, ``cache_dir/tensorrt`` holds its engine and
-timing caches instead.
+Cache directory (``cache_dir``, optional; nothing is written without it):
+
+- ``verified-files.json``: files that hashed correctly, keyed by their identity (device,
+  inode, size, mtime, ctime); an untouched file is not hashed again on the next load, any
+  change to it is (see ``checksums``). This keeps cold loads of large towers fast.
+- ``<role>-<sha256[:16]>-ort<version>.onnx``: for CPU-only sessions, the graph ONNX Runtime
+  optimised on the first load, loaded on later runs with graph optimisation off (it helps
+  towers whose load is dominated by graph fusions). Keyed by the model's checksum and the
+  ONNX Runtime version.
+- ``tensorrt/``: the TensorRT EP's engine and timing caches (building an engine takes
+  minutes).
+
+Delete the directory to clear it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -37,6 +47,7 @@ import onnxruntime as ort
 
 from clapedge.errors import BundleError
 from clapedge.runtime import providers as prov
+from clapedge.runtime.checksums import VerifiedFiles, mapped
 from clapedge.runtime.manifest import MANIFEST_NAME, Manifest, TowerSpec, read_manifest
 from clapedge.runtime.onnx_external import OnnxParseError, external_data_locations
 from clapedge.runtime.tokenizer import TextTokenizer
@@ -116,6 +127,7 @@ class Bundle:
         self._towers: dict[str, Tower] = {}
         self._banks: dict[str, np.ndarray] = {}
         self._tokenizer: TextTokenizer | None = None
+        self._verified = VerifiedFiles(cache_dir)
         self._lock = threading.RLock()
 
     @classmethod
@@ -214,18 +226,47 @@ class Bundle:
                          1e3 * self.load_times[role])
             return self._towers[role]
 
+    @contextlib.contextmanager
+    def _mapped(self, path: Path, what: str):
+        try:
+            with mapped(path) as buf:
+                yield buf
+        except FileNotFoundError:
+            raise BundleError(f"{path}: {what} named in the manifest is missing") from None
+        except IsADirectoryError:
+            raise BundleError(f"{path}: {what} is a directory, not a file") from None
+
+    def _verify_file(self, rel: str, sha256: str, what: str) -> Path:
+        """Check a possibly large file's sha256 without reading it into memory."""
+        path = self.resolve(rel, what=what)
+        known, identity = self._verified.check(path, sha256)
+        if not known:
+            with self._mapped(path, what) as buf:
+                actual = hashlib.sha256(buf).hexdigest()
+            self._verify(path, actual, sha256)
+            self._verified.remember(path, identity, actual)
+        return path
+
     def _open_tower(self, role: str, spec: TowerSpec) -> Tower:
-        path, data = self._read(spec.file, what=f"{role} tower")
-        # Hashing a large tower costs about as much as creating its session, so the two run
-        # side by side (hashlib releases the GIL); a mismatch still wins over anything
-        # onnxruntime says about the bytes.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
-            try:
-                session, error = self._create_session(role, spec, path, data), None
-            except BundleError as e:
-                session, error = None, e
-            self._verify(path, digest.result(), spec.sha256)
+        what = f"{role} tower"
+        path = self.resolve(spec.file, what=what)
+        with self._mapped(path, what) as buf:
+            known, identity = self._verified.check(path, spec.sha256)
+            # Hashing a large tower costs about as much as creating its session, so the two
+            # run side by side (hashlib releases the GIL); a mismatch still wins over
+            # anything onnxruntime says about the file. ONNX Runtime loads from the path,
+            # which is faster than from bytes.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                digest = None if known else pool.submit(
+                    lambda: hashlib.sha256(buf).hexdigest())
+                try:
+                    session, error = self._create_session(role, spec, path, buf), None
+                except BundleError as e:
+                    session, error = None, e
+                if digest is not None:
+                    actual = digest.result()
+                    self._verify(path, actual, spec.sha256)
+                    self._verified.remember(path, identity, actual)
         if error is not None:
             raise error
         self._check_metadata(path, session)
@@ -246,7 +287,7 @@ class Bundle:
                                   f"the manifest says {getattr(self.manifest, key)}")
 
     def _create_session(self, role: str, spec: TowerSpec, path: Path,
-                        data: bytes) -> ort.InferenceSession:
+                        data) -> ort.InferenceSession:
         has_external = self._check_external_data(path, data, spec)
         so = prov.session_options(self.threads)
         providers = [(name, prov.provider_options(name, precision=spec.precision,
@@ -257,24 +298,21 @@ class Bundle:
                 and self.provider_choice.providers == (prov.CPU,):
             cached = self.cache_dir / f"{role}-{spec.sha256[:16]}-ort{ort.__version__}.onnx"
         try:
-            if has_external:
-                # ONNX Runtime resolves external data relative to the model's directory.
-                return ort.InferenceSession(str(path), so, providers=providers)
             if cached is not None and cached.is_file():
                 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                return ort.InferenceSession(cached.read_bytes(), so, providers=providers)
+                return ort.InferenceSession(str(cached), so, providers=providers)
             if cached is not None:
-                return self._create_and_cache(data, so, providers, cached)
-            return ort.InferenceSession(data, so, providers=providers)
+                return self._create_and_cache(path, so, providers, cached)
+            return ort.InferenceSession(str(path), so, providers=providers)
         except _ORT_LOAD_ERRORS as e:
             raise BundleError(f"{path}: onnxruntime cannot load the {role} tower: {e}") from None
 
-    def _create_and_cache(self, data: bytes, so: ort.SessionOptions, providers,
+    def _create_and_cache(self, path: Path, so: ort.SessionOptions, providers,
                           cached: Path) -> ort.InferenceSession:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         so.optimized_model_filepath = str(tmp)
-        session = ort.InferenceSession(data, so, providers=providers)
+        session = ort.InferenceSession(str(path), so, providers=providers)
         try:
             os.replace(tmp, cached)
         except OSError as e:  # a cache that cannot be written only costs speed
@@ -282,7 +320,7 @@ class Bundle:
             tmp.unlink(missing_ok=True)
         return session
 
-    def _check_external_data(self, path: Path, data: bytes, spec: TowerSpec) -> bool:
+    def _check_external_data(self, path: Path, data, spec: TowerSpec) -> bool:
         """Refuse external-data locations that escape the bundle or are not in the manifest;
         verify the checksums of those that are. Returns whether the model has any."""
         try:
@@ -304,7 +342,7 @@ class Bundle:
                 raise BundleError(f"{path}: external data file {location!r} is not listed in "
                                   f"the manifest's external_data for this tower")
             if rel not in checked:
-                self.read_verified(listed[rel].file, listed[rel].sha256, what="external data")
+                self._verify_file(listed[rel].file, listed[rel].sha256, what="external data")
                 checked.add(rel)
         return True
 

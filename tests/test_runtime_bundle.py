@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -298,7 +299,8 @@ def test_optimised_model_cache(bundle_dir, tmp_path):
     x = tone(1.3)
     first = Runtime(bundle_dir, cache_dir=cache, threads=1).embed_audio(x, 16000)
     files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 1 and files[0].startswith("audio-") and files[0].endswith(".onnx")
+    assert len(files) == 2 and files[1] == "verified-files.json"
+    assert files[0].startswith("audio-") and files[0].endswith(".onnx")
     second = Runtime(bundle_dir, cache_dir=cache, threads=1).embed_audio(x, 16000)
     np.testing.assert_allclose(first, second, rtol=0, atol=1e-6)
 
@@ -315,3 +317,36 @@ def test_model_metadata_must_agree_with_the_manifest(bundle_dir):
     rehash(bundle_dir, "audio.onnx", "towers", "audio")
     with pytest.raises(BundleError, match="metadata says sample_rate=22050 but the manifest"):
         Bundle.load(bundle_dir)
+
+
+def test_verified_files_are_not_hashed_again_until_they_change(bundle_dir, tmp_path,
+                                                               monkeypatch):
+    import hashlib as real_hashlib
+
+    from clapedge.runtime import bundle as bundle_module
+    cache = tmp_path / "cache"
+    Bundle.load(bundle_dir, cache_dir=cache)
+    assert (cache / "verified-files.json").is_file()
+
+    calls = []
+
+    class CountingHashlib:
+        @staticmethod
+        def sha256(data=b""):
+            calls.append(len(data))
+            return real_hashlib.sha256(data)
+
+    monkeypatch.setattr(bundle_module, "hashlib", CountingHashlib)
+    Bundle.load(bundle_dir, cache_dir=cache)
+    assert calls == []  # untouched: the record stands
+    Bundle.load(bundle_dir)
+    assert len(calls) == 1  # without a cache directory, always hashed
+    # a changed byte with the old mtime put back is still caught (size/ctime/mtime identity)
+    path = bundle_dir / "audio.onnx"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        Bundle.load(bundle_dir, cache_dir=cache)
