@@ -1,1 +1,1 @@
-"""clapedge.export."""
+"""clapedge.export: PyTorch towers -> verified, quantized ONNX bundles (clap-export)."""

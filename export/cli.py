@@ -1,0 +1,118 @@
+"""``clap-export``: PyTorch CLAP model directory -> (INT8) ONNX bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from clapedge.errors import ClapEdgeError
+
+
+def _lengths(ctx, param, value: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: comma-separated seconds, e.g. 1,2,5,10") from None
+    if not out or min(out) <= 0:
+        raise click.BadParameter("lengths must be positive")
+    return out
+
+
+def _labels(ctx, param, values) -> tuple[tuple[str, Path], ...]:
+    out = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name.isidentifier() or not path:
+            raise click.BadParameter(f"{v!r}: use NAME=prompts.json")
+        out.append((name, Path(path)))
+    return tuple(out)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+              help="Bundle directory to write (refused if it exists, unless --force).")
+@click.option("--int8", "precision", flag_value="int8", help="Static INT8 QDQ audio tower, dynamic INT8 text tower.")
+@click.option("--fp16", "precision", flag_value="fp16", help="fp16 weights and compute, fp32 I/O.")
+@click.option("--fp32", "precision", flag_value="fp32", default=True, help="fp32 (default).")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration audio: a directory or a JSON-lines manifest.")
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path), help="Held-out labelled manifest for the accuracy check (default: the calibration manifest's test split).")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile", show_default=True)
+@click.option("--calib-lengths", default="1,2,5,10", callback=_lengths, show_default=True, help="Deployment clip lengths in seconds to calibrate at.")
+@click.option("--calib-clips", default=6, show_default=True, help="Calibration clips per length.")
+@click.option("--max-drop", type=float, default=0.005, show_default=True, help="Largest task-metric drop INT8 may cost; more sensitive nodes stay float until it fits.")
+@click.option("--target", type=click.Choice(["cpu", "tensorrt"]), default="cpu", show_default=True, help="tensorrt: symmetric int8 QDQ (zero point 0) for TensorRT explicit quantization.")
+@click.option("--engine", is_flag=True, help="Also build a TensorRT engine (needs TensorRT and a GPU).")
+@click.option("--banks", type=click.Choice(["corpus", "paraspeechclap", "none"]), default="corpus", show_default=True, help="Built-in label banks.")
+@click.option("--labels", multiple=True, callback=_labels, help="Extra label bank NAME=prompts.json ({label: prompt(s)} or {template, labels}).")
+@click.option("--tagger-bank", default=None, help="Bank baked into tagger.onnx (default: the first).")
+@click.option("--tagger-k", default=3, show_default=True)
+@click.option("--no-gemm-front-end", is_flag=True, help="Keep the conv front end as Conv ops.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
+@click.option("-v", "--verbose", is_flag=True)
+def main(model_dir, output, precision, calib, eval_data, calib_method, calib_lengths, calib_clips,
+         max_drop, target, engine, banks, labels, tagger_bank, tagger_k, no_gemm_front_end, seed,
+         force, as_json, verbose):
+    """Export MODEL_DIR (a clapedge model directory, see clap-convert) to a bundle."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from clapedge.export.pipeline import ExportOptions, export_bundle
+
+        options = ExportOptions(
+            precision=precision, calib=calib, eval_data=eval_data, calib_method=calib_method,
+            calib_lengths=calib_lengths, calib_clips=calib_clips, max_drop=max_drop,
+            target=target, banks=banks, bank_files=labels, tagger_bank=tagger_bank,
+            tagger_k=tagger_k, gemm_front_end=not no_gemm_front_end, force=force, seed=seed)
+        if engine:
+            from clapedge.export.tensorrt import require_tensorrt
+
+            require_tensorrt()
+        with console.status("exporting") as status:
+            def progress(message: str) -> None:
+                status.update(message)
+                console.log(message)
+
+            report = export_bundle(model_dir, output, options, progress=progress)
+        if engine:
+            from clapedge.export.tensorrt import build_engines
+
+            build_engines(output)
+    except ClapEdgeError as e:
+        console.print(f"[red]error:[/red] {e}")
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    else:
+        _summary(console, report)
+
+
+def _summary(console, report) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"clap-export -> {report.bundle}")
+    table.add_column("item")
+    table.add_column("value")
+    for tower, p in report.parity.items():
+        table.add_row(f"parity {tower} (fp32 vs PyTorch)",
+                      f"cosine >= {p['min_cosine']:.6f}, max abs err {p['max_abs_error']:.2e}")
+    q = report.quantization
+    if q:
+        table.add_row("audio INT8", f"{q['audio']['quantized_nodes']} nodes quantized; float: "
+                      + ", ".join(f"{v} {k}" for k, v in q["audio"]["kept_float"].items()))
+    for key, value in report.quality.items():
+        table.add_row(key, json.dumps(value) if not isinstance(value, float) else f"{value:.4f}")
+    for key, value in report.sizes.items():
+        table.add_row(key, f"{value}")
+    for key, value in report.latency_ms.items():
+        table.add_row(f"latency {key}", f"{value} ms")
+    console.print(table)

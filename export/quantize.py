@@ -1,0 +1,224 @@
+"""INT8 quantization: which nodes, which form, and how ranges are calibrated.
+
+What is quantized is found from graph patterns, never from hand-written node names:
+
+* weight MatMul/Gemm (second input an initializer) with a reduction dim K >= ``min_k``:
+  static QDQ, per-channel symmetric int8 weights, uint8 activations (the u8 x s8 VNNI/AMX
+  path of onnxruntime's MLAS) or symmetric int8 activations for TensorRT;
+* data-movement ops (Reshape, Slice, Concat, Transpose, Squeeze, Unsqueeze) whose output
+  reaches only quantized MatMuls: they then move uint8 instead of float32 (4x less memory
+  traffic — in the GEMM form of the conv front end that is most of the time);
+* everything else stays float and is reported with a reason: activation x activation MatMuls
+  (attention scores and probabilities: softmax outputs shrink with sequence length, so ranges
+  calibrated at one length collapse at another), index/shape arithmetic (relative position
+  buckets: Log/Gather/Range), Softmax, LayerNorm, residual adds, small-K GEMMs (the first
+  conv of the front end, K = 10) and the grouped positional conv.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from clapedge.export.errors import ExportError
+from clapedge.export.onnx_export import IR_VERSION
+
+log = logging.getLogger("clapedge.export")
+
+CalibMethod = Literal["minmax", "entropy", "percentile"]
+Target = Literal["cpu", "tensorrt"]
+MOVEMENT_OPS = ("Reshape", "Slice", "Concat", "Transpose", "Squeeze", "Unsqueeze")
+WEIGHT_OPS = ("MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize one tower."""
+
+    method: CalibMethod = "percentile"
+    percentile: float = 99.999
+    target: Target = "cpu"
+    min_k: int = 64
+    quantize_conv: bool = False
+    keep_float: tuple[str, ...] = ()  # node names kept float by the accuracy search
+
+    def __post_init__(self) -> None:
+        from clapedge.errors import ConfigError
+
+        if self.method not in ("minmax", "entropy", "percentile"):
+            raise ConfigError(f"calibration method {self.method!r}: use minmax, entropy or "
+                              f"percentile")
+        if self.target not in ("cpu", "tensorrt"):
+            raise ConfigError(f"target {self.target!r}: use cpu or tensorrt")
+        if not 90.0 <= self.percentile < 100.0:
+            raise ConfigError(f"percentile {self.percentile}: must be in [90, 100)")
+
+
+@dataclass
+class QuantPlan:
+    """The nodes to quantize and, for every candidate left float, why."""
+
+    quantize: list[str] = field(default_factory=list)
+    float_reasons: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        reasons: dict[str, int] = defaultdict(int)
+        for reason in self.float_reasons.values():
+            reasons[reason] += 1
+        return {"quantized_nodes": len(self.quantize), "kept_float": dict(reasons)}
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _weight_k(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int | None:
+    """K of a weight GEMM (None if the second input is not a constant weight)."""
+    if len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    dims = list(inits[node.input[1]].dims)
+    if len(dims) != 2:
+        return None
+    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+    return dims[1] if trans_b else dims[0]
+
+
+def plan_quantization(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
+    inits = _initializers(model)
+    plan = QuantPlan()
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    producers: dict[str, onnx.NodeProto] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+        for name in node.output:
+            producers[name] = node
+    quantized: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type in WEIGHT_OPS:
+            k = _weight_k(node, inits)
+            if k is None:
+                plan.float_reasons[node.name] = ("activation x activation MatMul (attention): "
+                                                 "its range depends on the sequence length")
+            elif k < config.min_k:
+                plan.float_reasons[node.name] = f"GEMM with K < {config.min_k}: int8 does not pay off"
+            elif node.name in config.keep_float:
+                plan.float_reasons[node.name] = "kept float by the accuracy search"
+            else:
+                quantized.add(node.name)
+        elif node.op_type == "Conv":
+            if config.quantize_conv and node.name not in config.keep_float:
+                quantized.add(node.name)
+            else:
+                plan.float_reasons[node.name] = "convolution kept float (grouped positional conv)"
+    # Data movement feeding only quantized GEMMs runs in the quantized domain.
+    changed = True
+    while changed:
+        changed = False
+        for node in model.graph.node:
+            if node.op_type not in MOVEMENT_OPS or node.name in quantized:
+                continue
+            if node.name in config.keep_float or not node.input or node.input[0] in inits:
+                continue
+            users = [u for out in node.output for u in consumers[out]]
+            if users and all(u.name in quantized for u in users):
+                quantized.add(node.name)
+                changed = True
+    plan.quantize = [n.name for n in model.graph.node if n.name in quantized]
+    return plan
+
+
+@dataclass
+class Calibration:
+    """Activation ranges collected once and reused by every quantization attempt."""
+
+    ranges: object  # onnxruntime.quantization.calibrate.TensorsData
+    method: str
+    clips: int
+
+
+def calibrate(model_path: Path, feeds: list[dict[str, np.ndarray]], config: QuantConfig,
+              workdir: Path) -> Calibration:
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    from clapedge.calib.ort_reader import make_reader
+
+    if not feeds:
+        raise ExportError("no calibration data")
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[config.method]
+    extra = {"percentile": config.percentile} if config.method == "percentile" else {}
+    if config.method != "minmax":
+        extra["symmetric"] = config.target == "tensorrt"
+    calibrator = create_calibrator(
+        model_path, list(WEIGHT_OPS) + list(MOVEMENT_OPS) + ["Conv"],
+        augmented_model_path=str(workdir / "augmented.onnx"), calibrate_method=method,
+        use_external_data_format=False, extra_options=extra)
+    # Histogram collectors stack the arrays of one tensor, so every call gets inputs of one
+    # shape; histograms accumulate across calls.
+    by_shape: dict[tuple, list[dict[str, np.ndarray]]] = defaultdict(list)
+    for feed in feeds:
+        by_shape[tuple(v.shape for v in feed.values())].append(feed)
+    for group in by_shape.values():
+        calibrator.collect_data(make_reader(group))
+    ranges = calibrator.compute_data()
+    del calibrator
+    return Calibration(ranges=ranges, method=config.method, clips=len(feeds))
+
+
+def quantize_static(model_path: Path, out_path: Path, calibration: Calibration,
+                    plan: QuantPlan, config: QuantConfig) -> None:
+    """Writes the QDQ model (per-channel symmetric weights)."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    model = onnx.load(str(model_path))
+    tensorrt = config.target == "tensorrt"
+    activation = QuantType.QInt8 if tensorrt else QuantType.QUInt8
+    extra = {"WeightSymmetric": True, "ActivationSymmetric": tensorrt,
+             "QDQKeepRemovableActivations": False, "DedicatedQDQPair": tensorrt}
+    op_types = list(WEIGHT_OPS) + list(MOVEMENT_OPS) + (["Conv"] if config.quantize_conv else [])
+    quantizer = QDQQuantizer(model, True, False, QuantType.QInt8, activation, calibration.ranges,
+                             plan.quantize, [], op_types, extra)
+    quantizer.quantize_model()
+    quantizer.model.topological_sort()
+    out = quantizer.model.model
+    out.ir_version = min(out.ir_version, IR_VERSION)
+    onnx.save_model(out, str(out_path))
+
+
+def quantize_dynamic_matmul(model_path: Path, out_path: Path) -> None:
+    """Per-channel dynamic INT8 of weight MatMuls (the text tower: static QDQ collapses
+    MiniLM embeddings as LayerNorm and MatMul errors compound; dynamic keeps cosine > 0.99)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Stale value_info left by the fusion pass contradicts ONNX shape inference; drop it.
+    model = onnx.load(str(model_path))
+    del model.graph.value_info[:]
+    clean = out_path.with_suffix(".clean.onnx")
+    onnx.save_model(model, str(clean))
+    quantize_dynamic(str(clean), str(out_path), op_types_to_quantize=["MatMul"],
+                     per_channel=True, weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    clean.unlink()
+    model = onnx.load(str(out_path))
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    onnx.save_model(model, str(out_path))
+
+
+def convert_fp16(model_path: Path, out_path: Path) -> None:
+    """fp16 weights and compute, fp32 inputs/outputs (LayerNorm-heavy graphs keep accuracy)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True,
+                                     op_block_list=["LayerNormalization", "SkipLayerNormalization",
+                                                    "ReduceL2", "Softmax", "Log", "Range"])
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    onnx.save_model(model, str(out_path))
