@@ -130,7 +130,8 @@ class Runtime:
 
     def embed_audio(self, audio, sample_rate: int | None = None, *,
                     batch_size: int = DEFAULT_BATCH) -> np.ndarray:
-        """float32 [B, embed_dim], L2-normalised; B = 1 for a single input."""
+        """float32 [B, embed_dim], L2-normalised; B = 1 for a single input. All inputs of
+        one call are decoded first: embed a large collection in slices of a few hundred."""
         encodings = self.encode_audio(audio, sample_rate, batch_size=batch_size)
         if not encodings:
             return np.zeros((0, self.embed_dim), dtype=np.float32)

@@ -138,7 +138,8 @@ class Bundle:
 
         ``providers``: "auto" or an explicit list (see ``providers.choose_providers``).
         ``threads``: intra-op threads per session (None: physical cores).
-        ``cache_dir``: optional directory for the optimised-model / TensorRT caches.
+        ``cache_dir``: optional directory for the checksum record and the optimised-model
+        and TensorRT caches (see the module docstring).
         ``preload``: towers to create now (the rest are created on first use).
         """
         t0 = time.perf_counter()
@@ -228,13 +229,21 @@ class Bundle:
 
     @contextlib.contextmanager
     def _mapped(self, path: Path, what: str):
+        """``checksums.mapped`` with open errors turned into ``BundleError`` (errors raised
+        by the body pass through untouched)."""
+        opened = mapped(path)
         try:
-            with mapped(path) as buf:
-                yield buf
+            buf = opened.__enter__()
         except FileNotFoundError:
             raise BundleError(f"{path}: {what} named in the manifest is missing") from None
         except IsADirectoryError:
             raise BundleError(f"{path}: {what} is a directory, not a file") from None
+        except OSError as e:
+            raise BundleError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+        try:
+            yield buf
+        finally:
+            opened.__exit__(None, None, None)
 
     def _verify_file(self, rel: str, sha256: str, what: str) -> Path:
         """Check a possibly large file's sha256 without reading it into memory."""
@@ -309,7 +318,11 @@ class Bundle:
 
     def _create_and_cache(self, path: Path, so: ort.SessionOptions, providers,
                           cached: Path) -> ort.InferenceSession:
-        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a cache that cannot be written only costs speed
+            log.warning("cannot create the cache directory %s: %s", cached.parent, e)
+            return ort.InferenceSession(str(path), so, providers=providers)
         tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         so.optimized_model_filepath = str(tmp)
         session = ort.InferenceSession(str(path), so, providers=providers)

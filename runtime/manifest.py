@@ -237,7 +237,9 @@ class ClipPolicy:
     - batching: each clip or window is zero-padded at the end to a multiple of
       ``bucket_seconds`` with mask 0, and only clips of the same padded length share a
       batch, so the padding a clip gets depends on the clip alone, never on its batch
-      neighbours (0: exact lengths, batches only of equal lengths).
+      neighbours (0: exact lengths, batches only of equal lengths). A tower without an
+      ``attention_mask`` input sees that padding as trailing silence: give such models
+      ``bucket_seconds=0``.
     """
 
     min_seconds: float

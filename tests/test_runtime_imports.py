@@ -12,7 +12,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 """
 
-MODULES = ["api", "audio", "benchmark", "bundle", "cli_bench", "cli_stream", "cli_tag",
+MODULES = ["api", "audio", "benchmark", "bundle", "checksums", "cli_bench", "cli_stream", "cli_tag",
            "manifest", "onnx_external", "providers", "results", "stream", "tokenizer"]
 
 
