@@ -115,6 +115,19 @@ class AudioTower(nn.Module):
                 hidden = layer(hidden)
         return hidden.transpose(1, 2)
 
+    def _encode(self, projected: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """The HF encoder; it zeroes padded frames before the positional conv and masks them
+        as attention keys. A data2vec conv stack gets the mask for the duration of the call."""
+        pos_conv = self.base.encoder.pos_conv_embed
+        stack = pos_conv if isinstance(pos_conv, MaskedConvStack) else None
+        if stack is not None:
+            stack.frame_mask = frame_mask
+        try:
+            return self.base.encoder(projected, attention_mask=frame_mask)[0]
+        finally:
+            if stack is not None:
+                stack.frame_mask = None
+
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (pooled [B, H], frame mask [B, F]) for waves right-padded past ``lengths``."""
         sample_mask = length_mask(lengths, wave.shape[1])
@@ -127,14 +140,5 @@ class AudioTower(nn.Module):
         projected = self.base.feature_projection(features)
         if isinstance(projected, tuple):  # wav2vec2/WavLM also return the normed features
             projected = projected[0]
-        # The encoder zeroes padded frames before the positional conv and masks them as keys.
-        pos_conv = self.base.encoder.pos_conv_embed
-        stack = pos_conv if isinstance(pos_conv, MaskedConvStack) else None
-        if stack is not None:
-            stack.frame_mask = frame_mask
-        try:
-            hidden = self.base.encoder(projected, attention_mask=frame_mask)[0]
-        finally:
-            if stack is not None:
-                stack.frame_mask = None
+        hidden = self._encode(projected, frame_mask)
         return self.pooling(hidden, frame_mask), frame_mask

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -49,28 +48,33 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
 
 
-def _refusal_reason(err: Exception) -> str:
-    """What torch's weights-only unpickler refused (e.g. "GLOBAL posix.system"), without its
-    advice to allowlist it or to retry with weights_only=False, which we never want to suggest."""
+def _refused_global(err: Exception) -> str | None:
+    """The global a weights-only load refused (e.g. "posix.system"), or None. Only that is
+    reported, never torch's advice to allowlist it or retry with weights_only=False."""
     found = re.search(r"GLOBAL ([\w.]+)", str(err))
-    if found:
-        return f"it asks for {found.group(1)}"
-    lines = [line.strip() for line in str(err).splitlines() if "nsupported" in line]
-    return lines[0] if lines else "a disallowed pickle instruction"
+    return found.group(1) if found else None
+
+
+def _short(err: Exception) -> str:
+    """One informative line of a torch error (its first lines are generic advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines if "nsupported" in line or "rror" in line]
+    return (specific or lines or [type(err).__name__])[-1][:200]
 
 
 def _read_torch(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # weights_only refused a global: the file asks to run code or build arbitrary objects.
+        name = _refused_global(err)
+        if name is None:  # a damaged stream or an opcode the weights-only reader rejects
+            raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_short(err)})") from err
         raise CheckpointError(
-            f"{path}: refused: the pickle holds code or objects that a weights-only load does "
-            f"not allow ({_refusal_reason(err)}). clapedge never unpickles arbitrary "
-            "objects; save the state dict as safetensors or as plain tensors") from err
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError,
-            AttributeError, IndexError, TypeError) as err:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({err})") from err
+            f"{path}: refused: the pickle asks for {name}, code or objects that a weights-only "
+            "load does not allow. clapedge never unpickles arbitrary objects; save the state "
+            "dict as safetensors or as plain tensors") from err
+    except Exception as err:  # torch reports damaged files with many exception types
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_short(err)})") from err
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:

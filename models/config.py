@@ -229,7 +229,9 @@ def _validate_heads(heads: list[HeadConfig]) -> None:
         if not head.name.isidentifier() or head.name in seen:
             raise ConfigError(f"{where}.name={head.name!r} must be a unique Python identifier")
         seen.add(head.name)
-        if len(head.labels) < 2 or len(set(head.labels)) != len(head.labels):
+        labels_ok = isinstance(head.labels, (list, tuple)) and all(
+            isinstance(label, str) and label for label in head.labels)
+        if not labels_ok or len(head.labels) < 2 or len(set(head.labels)) != len(head.labels):
             raise ConfigError(f"{where}.labels={head.labels!r} must hold at least 2 distinct labels")
         _choice(f"{where}.input", head.input, HEAD_INPUTS)
 
@@ -265,5 +267,5 @@ def validate(cfg: ClapConfig) -> None:
             raise ConfigError("tokenizer: expected a TokenizerConfig")
         _positive_int("tokenizer.max_length", cfg.tokenizer.max_length)
         for name in cfg.tokenizer.files:
-            if Path(name).name != name or name in ("", ".", ".."):
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
                 raise ConfigError(f"tokenizer.files: {name!r} must be a plain file name")
