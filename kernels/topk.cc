@@ -1,70 +1,304 @@
-// Shape checks, threading and dispatch of the fused similarity/top-k kernel.
+// Shape checks, SIMD dispatch, threading, merge and re-rank of the fused similarity/top-k
+// kernel. The per-level scans live in topk_cpu*.cc, the GPU variant in topk_cuda.cu.
+#include "topk.h"
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
-#include <thread>
+#include <memory>
+#include <string>
 #include <vector>
 
-#include "topk.h"
+#include "gallery.h"
+#include "thread_pool.h"
 #include "topk_cpu.h"
+#ifdef CLAPEDGE_HAVE_CUDA
+#include "topk_cuda.h"
+#endif
+
+#if defined(__aarch64__) && defined(__linux__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
 
 namespace clapedge {
 
 namespace {
 
-int resolve_threads(int requested, int64_t N, int64_t D) {
-  // Below this much work a thread costs more than it saves.
-  constexpr int64_t kMinWorkPerThread = 1 << 18;
-  int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  int t = requested > 0 ? requested : hw;
-  int64_t by_work = std::max<int64_t>(1, (N * D) / kMinWorkPerThread);
+using cpu::Candidate;
+using cpu::TopKHeap;
+
+const float kNegInf = -std::numeric_limits<float>::infinity();
+
+const cpu::LevelKernels* compiled_kernels(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::Scalar:
+      return cpu::scalar_kernels();
+#ifdef CLAPEDGE_HAVE_AVX2
+    case SimdLevel::Avx2:
+      return cpu::avx2_kernels();
+#endif
+#ifdef CLAPEDGE_HAVE_AVX512
+    case SimdLevel::Avx512:
+      return cpu::avx512_kernels();
+#endif
+#ifdef CLAPEDGE_HAVE_NEON
+    case SimdLevel::Neon:
+      return cpu::neon_kernels();
+#endif
+#ifdef CLAPEDGE_HAVE_NEON_DOTPROD
+    case SimdLevel::NeonDotprod:
+      return cpu::neon_dotprod_kernels();
+#endif
+    default:
+      return nullptr;
+  }
+}
+
+bool cpu_supports(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::Scalar:
+      return true;
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    case SimdLevel::Avx2:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case SimdLevel::Avx512:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#endif
+#if defined(__aarch64__)
+    case SimdLevel::Neon:
+      return true;  // Advanced SIMD is part of every AArch64 CPU
+    case SimdLevel::NeonDotprod:
+#if defined(__linux__) && defined(HWCAP_ASIMDDP)
+      return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__APPLE__)
+      return true;  // every Apple silicon core has the dot-product instructions
+#else
+      return false;
+#endif
+#endif
+    default:
+      return false;
+  }
+}
+
+int resolve_threads(int requested, int64_t N, int64_t D, int64_t Q) {
+  // Below this much work (bytes of gallery times queries, capped) a thread costs more than
+  // it saves.
+  constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
+  const int t = requested > 0 ? requested : hardware_threads();
+  const int64_t work = N * D * std::min<int64_t>(std::max<int64_t>(Q, 1), 64);
+  const int64_t by_work = std::max<int64_t>(1, work / kMinWorkPerThread);
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(t, by_work)));
+}
+
+void check_params(const TopKParams& p) {
+  auto fail = [](const std::string& what) { throw KernelInputError(what); };
+  if (p.metric != Metric::InnerProduct) fail("only the inner-product metric is supported");
+  if (p.k <= 0) fail("k must be positive, got " + std::to_string(p.k));
+  if (p.dim <= 0) fail("dim must be positive, got " + std::to_string(p.dim));
+  if (p.num_queries < 0 || p.num_vectors < 0) fail("negative number of queries or vectors");
+  if (p.num_queries > 0 && (p.queries == nullptr || p.out_scores == nullptr || p.out_ids == nullptr))
+    fail("queries and outputs must not be null");
+  if (p.num_vectors > 0 && p.vectors == nullptr) fail("gallery vectors must not be null");
+  if (p.dtype == DType::Int8 && p.num_vectors > 0 && (p.scales == nullptr || p.corrections == nullptr))
+    fail("an int8 gallery needs its per-row scales and corrections");
+  if (p.rerank_vectors != nullptr && p.rerank_dtype == DType::Int8)
+    fail("the re-rank copy must be float32 or float16");
+  if (p.rerank_vectors != nullptr && p.rerank_factor < 1)
+    fail("rerank_factor must be >= 1, got " + std::to_string(p.rerank_factor));
+  for (int64_t q = 0; q < p.num_queries; ++q)
+    for (int64_t d = 0; d < p.dim; ++d)
+      if (!std::isfinite(p.queries[q * p.dim + d]))
+        fail("queries contain NaN or Inf (first at row " + std::to_string(q) + ")");
+}
+
+// Int8 galleries score against queries quantised the same way, padded to padded_dim (see
+// ScanJob for the layouts).
+struct QuantisedQueries {
+  std::vector<int8_t> codes;
+  std::vector<int8_t> codes_x8;
+  std::vector<uint8_t> codes_u8_x8;
+  std::vector<float> scales;
+
+  QuantisedQueries(const float* q, int64_t Q, int64_t D) {
+    const int64_t Dp = padded_dim(D);
+    const int64_t blocks = (Q + 7) / 8;
+    std::vector<int8_t> rows(static_cast<size_t>(Q * D));
+    scales.resize(static_cast<size_t>(Q));
+    quantize_rows_int8(q, Q, D, rows.data(), scales.data());
+    codes.assign(static_cast<size_t>(Q * Dp), 0);
+    codes_x8.assign(static_cast<size_t>(blocks * 8 * Dp), 0);
+    codes_u8_x8.assign(static_cast<size_t>(blocks * 8 * Dp), 128);
+    for (int64_t i = 0; i < Q; ++i)
+      for (int64_t d = 0; d < D; ++d) {
+        const int8_t c = rows[i * D + d];
+        codes[i * Dp + d] = c;
+        const int64_t at = (i / 8) * 8 * Dp + (d / 4) * 32 + (i % 8) * 4 + d % 4;
+        codes_x8[at] = c;
+        codes_u8_x8[at] = static_cast<uint8_t>(c + 128);
+      }
+  }
+};
+
+// First pass on the CPU: every thread takes chunks of rows off a shared counter (so a slow
+// or busy core does less) into its own heaps; the heaps are merged afterwards.
+// Returns the best `keep` candidates of each query, best first.
+std::vector<std::vector<Candidate>> first_pass_cpu(const TopKParams& p, const cpu::ScanJob& job,
+                                                   const cpu::LevelKernels& level, int64_t keep,
+                                                   const std::vector<float>& floors) {
+  const int64_t Q = p.num_queries, N = p.num_vectors;
+  const int threads = resolve_threads(p.threads, N, padded_dim(p.dim), Q);
+  // Enough chunks to balance the load, each a multiple of the int8 group and big enough to
+  // amortise the heap traffic of a chunk switch.
+  int64_t chunk = std::max<int64_t>(2048, N / (int64_t{threads} * 16));
+  chunk = (chunk + kGroupRows - 1) / kGroupRows * kGroupRows;
+
+  std::vector<Candidate> storage(static_cast<size_t>(threads * Q * keep));
+  std::vector<TopKHeap> heaps(static_cast<size_t>(threads * Q));
+  for (int t = 0; t < threads; ++t)
+    for (int64_t q = 0; q < Q; ++q)
+      heaps[t * Q + q].reset(keep, floors[q], storage.data() + (t * Q + q) * keep);
+  std::vector<char> finite(static_cast<size_t>(threads), 1);
+  std::atomic<int64_t> next{0};
+  parallel_run(threads, [&](int t) {
+    for (;;) {
+      const int64_t n0 = next.fetch_add(chunk);
+      if (n0 >= N) break;
+      if (!level.scan(job, n0, std::min(N, n0 + chunk), heaps.data() + t * Q)) finite[t] = 0;
+    }
+  });
+  for (char f : finite)
+    if (!f) throw KernelInputError("queries or gallery contain NaN or Inf (a score was not finite)");
+
+  std::vector<std::vector<Candidate>> best(static_cast<size_t>(Q));
+  for (int64_t q = 0; q < Q; ++q) {
+    auto& m = best[q];
+    for (int t = 0; t < threads; ++t) {
+      const TopKHeap& h = heaps[t * Q + q];
+      m.insert(m.end(), h.items, h.items + h.size);
+    }
+    std::sort(m.begin(), m.end(), cpu::better);
+    if (static_cast<int64_t>(m.size()) > keep) m.resize(static_cast<size_t>(keep));
+  }
+  return best;
+}
+
+// Re-scores the candidates against the exact copy; drops those under the query's min score.
+void rerank(const TopKParams& p, const cpu::LevelKernels& level, std::vector<Candidate>& cands,
+            int64_t q) {
+  const float* qv = p.queries + q * p.dim;
+  const float floor = p.min_score ? p.min_score[q] : kNegInf;
+  std::vector<Candidate> kept;
+  kept.reserve(cands.size());
+  for (const Candidate& c : cands) {
+    float s;
+    if (p.rerank_dtype == DType::Float32)
+      s = level.dot_f32(qv, static_cast<const float*>(p.rerank_vectors) + c.id * p.dim, p.dim);
+    else
+      s = level.dot_f16(qv, static_cast<const uint16_t*>(p.rerank_vectors) + c.id * p.dim, p.dim);
+    if (s >= floor) kept.push_back({s, c.id});
+  }
+  std::sort(kept.begin(), kept.end(), cpu::better);
+  cands.swap(kept);
 }
 
 }  // namespace
 
-void topk_f32(const float* queries, int64_t Q, const float* gallery, int64_t N, int64_t D,
-              const TopKParams& params, float* out_scores, int64_t* out_ids) {
-  if (params.k <= 0) throw KernelInputError("k must be positive, got " + std::to_string(params.k));
-  if (Q < 0 || N < 0 || D <= 0) throw KernelInputError("invalid shapes");
+SimdLevel best_simd_level() {
+  for (SimdLevel l : {SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::NeonDotprod, SimdLevel::Neon})
+    if (simd_level_available(l)) return l;
+  return SimdLevel::Scalar;
+}
 
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  const int threads = resolve_threads(params.threads, N, D);
-  // Split the gallery (not the queries) so a single query uses every thread.
-  std::vector<std::vector<TopKHeap>> heaps(static_cast<size_t>(threads));
-  std::vector<char> finite(static_cast<size_t>(threads), 1);
-  auto work = [&](int t) {
-    auto& hs = heaps[static_cast<size_t>(t)];
-    hs.reserve(static_cast<size_t>(Q));
-    for (int64_t q = 0; q < Q; ++q)
-      hs.emplace_back(params.k, params.min_score ? params.min_score[q] : neg_inf);
-    const int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;
-    finite[static_cast<size_t>(t)] =
-        scan_f32_scalar(queries, Q, gallery, n0, n1, D, params, hs);
-  };
-  if (threads == 1) {
-    work(0);
-  } else {
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(work, t);
-    work(0);
-    for (auto& th : pool) th.join();
+bool simd_level_available(SimdLevel level) {
+  return compiled_kernels(level) != nullptr && cpu_supports(level);
+}
+
+const char* simd_level_name(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::Auto: return "auto";
+    case SimdLevel::Scalar: return "scalar";
+    case SimdLevel::Neon: return "neon";
+    case SimdLevel::NeonDotprod: return "neon_dotprod";
+    case SimdLevel::Avx2: return "avx2";
+    case SimdLevel::Avx512: return "avx512";
   }
-  for (char f : finite)
-    if (!f) throw KernelInputError("queries or gallery contain NaN or Inf (a score was not finite)");
+  return "unknown";
+}
 
-  std::vector<Candidate> merged;
-  for (int64_t q = 0; q < Q; ++q) {
-    merged.clear();
-    for (auto& hs : heaps) {
-      const auto& items = hs[static_cast<size_t>(q)].items();
-      merged.insert(merged.end(), items.begin(), items.end());
+bool cuda_available() {
+#ifdef CLAPEDGE_HAVE_CUDA
+  return cuda::device_count() > 0;
+#else
+  return false;
+#endif
+}
+
+void topk(const TopKParams& p) {
+  check_params(p);
+  const SimdLevel level_id = p.simd == SimdLevel::Auto ? best_simd_level() : p.simd;
+  if (!simd_level_available(level_id))
+    throw KernelInputError(std::string("SIMD level '") + simd_level_name(level_id) +
+                           "' is not available on this CPU or in this build");
+  const cpu::LevelKernels& level = *compiled_kernels(level_id);
+  const int64_t Q = p.num_queries, N = p.num_vectors, k = p.k;
+  if (Q == 0) return;
+
+  const bool reranking = p.rerank_vectors != nullptr;
+  // The first pass keeps k' = rerank_factor * k candidates when re-ranking, and ignores
+  // min_score then (the approximate scores could drop a row whose exact score passes).
+  int64_t keep = reranking ? k * p.rerank_factor : k;
+  keep = std::max<int64_t>(1, std::min(keep, N));
+  std::vector<float> floors(static_cast<size_t>(Q), kNegInf);
+  if (p.min_score && !reranking)
+    for (int64_t q = 0; q < Q; ++q) floors[q] = p.min_score[q];
+
+  std::vector<std::vector<Candidate>> best;
+  if (N > 0) {
+    std::unique_ptr<QuantisedQueries> qq;
+    if (p.dtype == DType::Int8) qq.reset(new QuantisedQueries(p.queries, Q, p.dim));
+    if (p.device == Device::Cuda) {
+#ifdef CLAPEDGE_HAVE_CUDA
+      best = cuda::first_pass(p, qq ? qq->codes.data() : nullptr, qq ? qq->scales.data() : nullptr,
+                              keep, floors);
+#else
+      throw KernelInputError("clapedge was built without CUDA (configure with -DCLAPEDGE_CUDA=ON)");
+#endif
+    } else {
+      cpu::ScanJob job{};
+      job.num_queries = Q;
+      job.dim = p.dim;
+      job.queries = p.queries;
+      if (qq) {
+        job.qcodes = qq->codes.data();
+        job.qcodes_x8 = qq->codes_x8.data();
+        job.qcodes_u8_x8 = qq->codes_u8_x8.data();
+        job.qscales = qq->scales.data();
+      }
+      job.dtype = p.dtype;
+      job.vectors = p.vectors;
+      job.num_vectors = N;
+      job.scales = p.scales;
+      job.corrections = p.corrections;
+      job.allow = p.allow;
+      best = first_pass_cpu(p, job, level, keep, floors);
     }
-    const int64_t keep = std::min<int64_t>(params.k, static_cast<int64_t>(merged.size()));
-    std::partial_sort(merged.begin(), merged.begin() + keep, merged.end(), better);
-    for (int64_t j = 0; j < params.k; ++j) {
-      out_scores[q * params.k + j] = j < keep ? merged[static_cast<size_t>(j)].score : neg_inf;
-      out_ids[q * params.k + j] = j < keep ? merged[static_cast<size_t>(j)].id : -1;
+  } else {
+    best.resize(static_cast<size_t>(Q));
+  }
+
+  for (int64_t q = 0; q < Q; ++q) {
+    auto& cands = best[q];
+    if (reranking) rerank(p, level, cands, q);
+    const int64_t n = std::min<int64_t>(k, static_cast<int64_t>(cands.size()));
+    for (int64_t j = 0; j < k; ++j) {
+      p.out_scores[q * k + j] = j < n ? cands[j].score : kNegInf;
+      p.out_ids[q * k + j] = j < n ? cands[j].id : -1;
     }
   }
 }
