@@ -213,7 +213,7 @@ class Gallery:
         """Writes the gallery to one file, atomically (temp file, fsync, rename)."""
         path = Path(path)
         arrays = {name: np.ascontiguousarray(a) for name, a in self._arrays.items()}
-        crcs = {name: zlib.crc32(memoryview(a).cast("B")) for name, a in arrays.items()}
+        crcs = {name: zlib.crc32(_bytes(a)) for name, a in arrays.items()}
         data_start = _ALIGN
         while True:  # the header's own length moves the offsets: grow until it fits
             entries, offset = {}, data_start
@@ -236,7 +236,7 @@ class Gallery:
             f.write(MAGIC + struct.pack("<II", FORMAT_VERSION, len(blob)) + blob)
             for name, arr in arrays.items():
                 f.write(b"\0" * (entries[name]["offset"] - f.tell()))
-                f.write(memoryview(arr).cast("B"))
+                f.write(_bytes(arr))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -276,7 +276,7 @@ class Gallery:
             else:
                 arr = np.fromfile(path, dtype=adt, count=int(np.prod(shape)), offset=e["offset"])
                 arr = arr.reshape(shape)
-            if verify and zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B")) != e["crc32"]:
+            if verify and zlib.crc32(_bytes(arr)) != e["crc32"]:
                 raise GalleryFileError(f"{path}: array {name!r} fails its checksum (corrupt file)")
             arrays[name] = arr
         g = cls.__new__(cls)
@@ -316,6 +316,11 @@ def _to_fp16(x: np.ndarray, what: str) -> np.ndarray:
 def _raw(arr: np.ndarray) -> np.ndarray:
     """float16 crosses into C++ as its raw uint16 bits."""
     return arr.view(np.uint16) if arr.dtype == np.float16 else arr
+
+
+def _bytes(arr: np.ndarray) -> memoryview:
+    """The raw bytes of a C-contiguous array (any shape, empty included), without a copy."""
+    return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
 
 
 def _align(offset: int) -> int:
