@@ -50,7 +50,7 @@ clapedge::DType parse_dtype(const std::string& s) {
 clapedge::SimdLevel parse_level(const std::string& s) {
   for (auto l : {clapedge::SimdLevel::Auto, clapedge::SimdLevel::Scalar, clapedge::SimdLevel::Neon,
                  clapedge::SimdLevel::NeonDotprod, clapedge::SimdLevel::Avx2,
-                 clapedge::SimdLevel::Avx512})
+                 clapedge::SimdLevel::Avx512, clapedge::SimdLevel::Amx})
     if (s == clapedge::simd_level_name(l)) return l;
   throw KernelInputError("unknown SIMD level '" + s + "'");
 }
@@ -157,7 +157,7 @@ void unpack_int8(AnyArray packed, int64_t n, int64_t d, OutI8 codes) {
 
 std::vector<std::string> available_simd_levels() {
   std::vector<std::string> out;
-  for (auto l : {clapedge::SimdLevel::Avx512, clapedge::SimdLevel::Avx2,
+  for (auto l : {clapedge::SimdLevel::Amx, clapedge::SimdLevel::Avx512, clapedge::SimdLevel::Avx2,
                  clapedge::SimdLevel::NeonDotprod, clapedge::SimdLevel::Neon,
                  clapedge::SimdLevel::Scalar})
     if (clapedge::simd_level_available(l)) out.push_back(clapedge::simd_level_name(l));

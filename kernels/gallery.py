@@ -122,16 +122,16 @@ class Gallery:
             codes = np.empty((n, dim), dtype=np.int8)
             scales = np.zeros(num_groups(n) * GROUP_ROWS, dtype=np.float32)
             _native.quantize_int8(x, codes, scales, _threads(threads))
-            packed = np.empty((num_groups(n), padded_dim(dim) * GROUP_ROWS), dtype=np.int8)
+            packed = aligned_empty((num_groups(n), padded_dim(dim) * GROUP_ROWS), np.int8)
             corrections = np.empty(num_groups(n) * GROUP_ROWS, dtype=np.int32)
             _native.pack_int8(codes, packed, corrections, _threads(threads))
             arrays.update(codes=packed, scales=scales, corrections=corrections)
         elif dtype == "fp16":
             arrays["vectors"] = _to_fp16(x, "gallery vectors")
         else:
-            arrays["vectors"] = x if x is not vectors else x.copy()
+            arrays["vectors"] = _aligned_copy(x)
         if rerank:
-            arrays["rerank"] = x.copy() if rerank_dtype == "float32" else _to_fp16(x, "re-rank copy")
+            arrays["rerank"] = _aligned_copy(x) if rerank_dtype == "float32" else _to_fp16(x, "re-rank copy")
         self._init(dtype, n, dim, arrays, rerank_dtype if rerank else None)
 
     def _init(self, dtype: str, n: int, dim: int, arrays: dict[str, np.ndarray],
@@ -306,11 +306,29 @@ def _check_dtype(dtype: str, what: str) -> str:
     return d
 
 
+def aligned_empty(shape: tuple[int, ...], dtype, align: int = _ALIGN) -> np.ndarray:
+    """np.empty whose data starts on an `align`-byte boundary: 64-byte SIMD loads then never
+    straddle two cache lines (numpy's own allocations are only 16-byte aligned)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _aligned_copy(x: np.ndarray) -> np.ndarray:
+    out = aligned_empty(x.shape, x.dtype)
+    out[...] = x
+    return out
+
+
 def _to_fp16(x: np.ndarray, what: str) -> np.ndarray:
     big = np.abs(x).max(initial=0.0)
     if big > 65504.0:
         raise KernelInputError(f"{what}: values up to {big:g} overflow float16 (max 65504)")
-    return x.astype(np.float16)
+    out = aligned_empty(x.shape, np.float16)
+    out[...] = x
+    return out
 
 
 def _raw(arr: np.ndarray) -> np.ndarray:

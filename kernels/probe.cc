@@ -41,6 +41,9 @@ const cpu::LevelKernels* level_kernels(SimdLevel level) {
 #ifdef CLAPEDGE_HAVE_AVX512
     case SimdLevel::Avx512: return cpu::avx512_kernels();
 #endif
+#if defined(CLAPEDGE_HAVE_AMX) && defined(CLAPEDGE_HAVE_AVX512)
+    case SimdLevel::Amx: return cpu::amx_kernels();
+#endif
 #ifdef CLAPEDGE_HAVE_AVX2
     case SimdLevel::Avx2: return cpu::avx2_kernels();
 #endif

@@ -4,7 +4,7 @@ At import the best level compiled in and supported by this CPU is picked (CPUID 
 HWCAP on ARM) and logged on the ``clapedge.kernels`` logger. Two ways to force another one,
 so that every path can be tested on one machine:
 
-* the environment variable ``CLAPEDGE_SIMD=avx512|avx2|neon_dotprod|neon|scalar``, read at
+* the environment variable ``CLAPEDGE_SIMD=amx|avx512|avx2|neon_dotprod|neon|scalar``, read at
   every call (a level the CPU lacks is ignored with a warning);
 * ``set_simd_level("avx2")`` in the process, which wins over the variable
   (``set_simd_level(None)`` goes back to the variable / the best level).
@@ -21,7 +21,7 @@ from clapedge.kernels.errors import KernelInputError
 log = logging.getLogger("clapedge.kernels")
 
 ENV_VAR = "CLAPEDGE_SIMD"
-LEVELS = ("avx512", "avx2", "neon_dotprod", "neon", "scalar")
+LEVELS = ("amx", "avx512", "avx2", "neon_dotprod", "neon", "scalar")
 
 _forced: str | None = None
 _warned_env: set[str] = set()

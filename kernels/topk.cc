@@ -21,6 +21,10 @@
 #include <asm/hwcap.h>
 #include <sys/auxv.h>
 #endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace clapedge {
 
@@ -43,6 +47,10 @@ const cpu::LevelKernels* compiled_kernels(SimdLevel level) {
     case SimdLevel::Avx512:
       return cpu::avx512_kernels();
 #endif
+#if defined(CLAPEDGE_HAVE_AMX) && defined(CLAPEDGE_HAVE_AVX512)
+    case SimdLevel::Amx:
+      return cpu::amx_kernels();
+#endif
 #ifdef CLAPEDGE_HAVE_NEON
     case SimdLevel::Neon:
       return cpu::neon_kernels();
@@ -56,6 +64,17 @@ const cpu::LevelKernels* compiled_kernels(SimdLevel level) {
   }
 }
 
+#if defined(__linux__) && defined(__x86_64__)
+// Linux hands out the AMX tile state only on request (once per process, for every thread).
+bool amx_permitted() {
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool ok = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return ok;
+}
+#else
+bool amx_permitted() { return false; }
+#endif
+
 bool cpu_supports(SimdLevel level) {
   switch (level) {
     case SimdLevel::Scalar:
@@ -68,6 +87,12 @@ bool cpu_supports(SimdLevel level) {
       __builtin_cpu_init();
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#endif
+#if defined(CLAPEDGE_HAVE_AMX) && defined(__GNUC__)
+    case SimdLevel::Amx:
+      __builtin_cpu_init();
+      return cpu_supports(SimdLevel::Avx512) && __builtin_cpu_supports("amx-tile") &&
+             __builtin_cpu_supports("amx-int8") && amx_permitted();
 #endif
 #if defined(__aarch64__)
     case SimdLevel::Neon:
@@ -131,7 +156,7 @@ struct QuantisedQueries {
     std::vector<int8_t> rows(static_cast<size_t>(Q * D));
     scales.resize(static_cast<size_t>(Q));
     quantize_rows_int8(q, Q, D, rows.data(), scales.data());
-    codes.assign(static_cast<size_t>(Q * Dp), 0);
+    codes.assign(static_cast<size_t>((Q + 15) / 16 * 16 * Dp), 0);
     codes_x8.assign(static_cast<size_t>(blocks * 8 * Dp), 0);
     codes_u8_x8.assign(static_cast<size_t>(blocks * 8 * Dp), 128);
     for (int64_t i = 0; i < Q; ++i)
@@ -210,7 +235,8 @@ void rerank(const TopKParams& p, const cpu::LevelKernels& level, std::vector<Can
 }  // namespace
 
 SimdLevel best_simd_level() {
-  for (SimdLevel l : {SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::NeonDotprod, SimdLevel::Neon})
+  for (SimdLevel l : {SimdLevel::Amx, SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::NeonDotprod,
+                      SimdLevel::Neon})
     if (simd_level_available(l)) return l;
   return SimdLevel::Scalar;
 }
@@ -227,6 +253,7 @@ const char* simd_level_name(SimdLevel level) {
     case SimdLevel::NeonDotprod: return "neon_dotprod";
     case SimdLevel::Avx2: return "avx2";
     case SimdLevel::Avx512: return "avx512";
+    case SimdLevel::Amx: return "amx";
   }
   return "unknown";
 }

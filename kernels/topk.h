@@ -33,7 +33,15 @@ enum class Metric { InnerProduct };
 enum class DType { Float32 = 0, Float16 = 1, Int8 = 2 };
 
 // CPU code paths. Auto picks the best one compiled in and supported by this CPU.
-enum class SimdLevel { Auto = -1, Scalar = 0, Neon = 1, NeonDotprod = 2, Avx2 = 3, Avx512 = 4 };
+enum class SimdLevel {
+  Auto = -1,
+  Scalar = 0,
+  Neon = 1,
+  NeonDotprod = 2,
+  Avx2 = 3,
+  Avx512 = 4,
+  Amx = 5,  // AVX-512 + AMX-INT8 tiles for the int8 scan of many queries
+};
 
 enum class Device { Cpu = 0, Cuda = 1 };
 

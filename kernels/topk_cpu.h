@@ -56,7 +56,8 @@ struct ScanJob {
   const float* queries;  // Float32 / Float16 galleries: [num_queries, dim]
 
   // Int8 galleries: queries quantised like the gallery rows, padded to padded_dim(dim).
-  const int8_t* qcodes;  // signed codes, row-major [num_queries, padded_dim]
+  const int8_t* qcodes;  // signed codes, row-major [round_up(num_queries, 16), padded_dim]
+                         // (rows past the last query are zero: whole AMX tiles)
   // The same codes interleaved by blocks of 8 queries, so a register tile finds the 4-byte
   // steps of all its queries side by side: [ceil(Q / 8)][padded_dim / 4][8 queries][4 bytes]
   // (missing queries of the last block are zero codes).
@@ -92,6 +93,7 @@ struct LevelKernels {
 const LevelKernels* scalar_kernels();
 const LevelKernels* avx2_kernels();
 const LevelKernels* avx512_kernels();
+const LevelKernels* amx_kernels();
 const LevelKernels* neon_kernels();
 const LevelKernels* neon_dotprod_kernels();
 

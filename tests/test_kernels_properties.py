@@ -70,8 +70,8 @@ def check_topk(scores, ids, ref, tol, k, allowed=None, min_score=None):
 @st.composite
 def problems(draw):
     n = draw(st.sampled_from([0, 1, 2, 3, 7, 15, 16, 17, 31, 33, 64, 100, 129, 257]))
-    d = draw(st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 100]))
-    nq = draw(st.sampled_from([1, 2, 3, 5, 7, 8, 9, 13, 17]))
+    d = draw(st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 100, 128]))
+    nq = draw(st.sampled_from([1, 2, 3, 5, 7, 8, 9, 13, 17, 33]))
     k = draw(st.sampled_from([1, 2, 3, 5, 10, 20, 300]))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
@@ -192,6 +192,22 @@ def test_int8_rerank_gives_exact_ids_on_well_separated_data(name):
         s8, i8 = topk(q, Gallery(g, "int8"), 10)
     np.testing.assert_array_equal(i8, i32)
     np.testing.assert_array_equal(s8, s32)
+
+
+@pytest.mark.parametrize("d,nq", [(64, 8), (128, 16), (128, 17), (192, 33), (512, 40)])
+def test_int8_tiles_agree_bit_for_bit(d, nq):
+    """The shapes where the AMX level takes the int8 scan (dims a multiple of 64, 8+ queries;
+    whole and partial tiles of 16 queries and 32 rows): every level gives the same bits."""
+    rng = np.random.default_rng(d + nq)
+    g = rng.standard_normal((1003, d)).astype(np.float32)
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    gal = Gallery(g, "int8", rerank=False)
+    allowed = rng.random(1003) < 0.7
+    results = run_all_levels(q, gal, 12, allow=allowed)
+    first = results["scalar"]
+    for name, (s, i) in results.items():
+        np.testing.assert_array_equal(i, first[1], err_msg=name)
+        np.testing.assert_array_equal(s, first[0], err_msg=name)
 
 
 def test_every_level_was_exercised():

@@ -190,7 +190,7 @@ void same_bits(const Result& a, const Result& b, const std::string& what) {
 int main() {
   std::vector<SimdLevel> levels;
   for (SimdLevel l : {SimdLevel::Scalar, SimdLevel::Neon, SimdLevel::NeonDotprod, SimdLevel::Avx2,
-                      SimdLevel::Avx512})
+                      SimdLevel::Avx512, SimdLevel::Amx})
     if (simd_level_available(l)) levels.push_back(l);
   std::printf("levels:");
   for (SimdLevel l : levels) std::printf(" %s", simd_level_name(l));
@@ -200,7 +200,8 @@ int main() {
   std::mt19937_64 rng(12345);
   const int64_t sizes[][4] = {{0, 5, 1, 3},    {1, 1, 1, 1},    {7, 3, 2, 10},  {16, 16, 3, 4},
                               {17, 17, 5, 5},  {33, 31, 9, 7},  {100, 64, 8, 10}, {257, 65, 13, 20},
-                              {1000, 100, 4, 10}, {5000, 24, 3, 8}};
+                              {1000, 100, 4, 10}, {5000, 24, 3, 8}, {531, 128, 40, 10},
+                              {77, 192, 17, 5}};
   int checks = 0;
   for (const auto& sz : sizes) {
     const Problem p = make_problem(rng, sz[0], sz[1], sz[2], sz[3]);
