@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -142,33 +143,63 @@ void check_params(const TopKParams& p) {
         fail("queries contain NaN or Inf (first at row " + std::to_string(q) + ")");
 }
 
+// A zero-filled byte buffer whose data starts on a 64-byte boundary (tile and vector loads
+// of misaligned rows straddle two cache lines; AMX tile loads run at half speed then).
+template <typename T>
+class Aligned {
+ public:
+  explicit Aligned(size_t count, T fill = T{}) : raw_(count + 64 / sizeof(T), fill) {
+    const auto addr = reinterpret_cast<uintptr_t>(raw_.data());
+    data_ = raw_.data() + ((64 - addr % 64) % 64) / sizeof(T);
+  }
+  T* data() { return data_; }
+
+ private:
+  std::vector<T> raw_;
+  T* data_;
+};
+
 // Int8 galleries score against queries quantised the same way, padded to padded_dim (see
 // ScanJob for the layouts).
 struct QuantisedQueries {
-  std::vector<int8_t> codes;
-  std::vector<int8_t> codes_x8;
-  std::vector<uint8_t> codes_u8_x8;
+  Aligned<int8_t> codes;
+  Aligned<int8_t> codes_x8;
+  Aligned<uint8_t> codes_u8_x8;
   std::vector<float> scales;
 
-  QuantisedQueries(const float* q, int64_t Q, int64_t D) {
+  QuantisedQueries(const float* q, int64_t Q, int64_t D)
+      : codes(static_cast<size_t>((Q + 15) / 16 * 16 * padded_dim(D))),
+        codes_x8(static_cast<size_t>((Q + 7) / 8 * 8 * padded_dim(D))),
+        codes_u8_x8(static_cast<size_t>((Q + 7) / 8 * 8 * padded_dim(D)), 128),
+        scales(static_cast<size_t>(Q)) {
     const int64_t Dp = padded_dim(D);
-    const int64_t blocks = (Q + 7) / 8;
     std::vector<int8_t> rows(static_cast<size_t>(Q * D));
-    scales.resize(static_cast<size_t>(Q));
     quantize_rows_int8(q, Q, D, rows.data(), scales.data());
-    codes.assign(static_cast<size_t>((Q + 15) / 16 * 16 * Dp), 0);
-    codes_x8.assign(static_cast<size_t>(blocks * 8 * Dp), 0);
-    codes_u8_x8.assign(static_cast<size_t>(blocks * 8 * Dp), 128);
     for (int64_t i = 0; i < Q; ++i)
       for (int64_t d = 0; d < D; ++d) {
         const int8_t c = rows[i * D + d];
-        codes[i * Dp + d] = c;
+        codes.data()[i * Dp + d] = c;
         const int64_t at = (i / 8) * 8 * Dp + (d / 4) * 32 + (i % 8) * 4 + d % 4;
-        codes_x8[at] = c;
-        codes_u8_x8[at] = static_cast<uint8_t>(c + 128);
+        codes_x8.data()[at] = c;
+        codes_u8_x8.data()[at] = static_cast<uint8_t>(c + 128);
       }
   }
 };
+
+// fn(q) for every query, spread over the threads (merging and re-ranking many queries is
+// worth it: the re-rank waits on random rows of the exact copy).
+template <typename Fn>
+void for_each_query(int threads, int64_t Q, Fn fn) {
+  threads = static_cast<int>(std::min<int64_t>(threads, Q / 4));
+  if (threads <= 1) {
+    for (int64_t q = 0; q < Q; ++q) fn(q);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  parallel_run(threads, [&](int) {
+    for (int64_t q; (q = next.fetch_add(1)) < Q;) fn(q);
+  });
+}
 
 // First pass on the CPU: every thread takes chunks of rows off a shared counter (so a slow
 // or busy core does less) into its own heaps; the heaps are merged afterwards.
@@ -201,7 +232,7 @@ std::vector<std::vector<Candidate>> first_pass_cpu(const TopKParams& p, const cp
     if (!f) throw KernelInputError("queries or gallery contain NaN or Inf (a score was not finite)");
 
   std::vector<std::vector<Candidate>> best(static_cast<size_t>(Q));
-  for (int64_t q = 0; q < Q; ++q) {
+  for_each_query(threads, Q, [&](int64_t q) {
     auto& m = best[q];
     for (int t = 0; t < threads; ++t) {
       const TopKHeap& h = heaps[t * Q + q];
@@ -209,7 +240,7 @@ std::vector<std::vector<Candidate>> first_pass_cpu(const TopKParams& p, const cp
     }
     std::sort(m.begin(), m.end(), cpu::better);
     if (static_cast<int64_t>(m.size()) > keep) m.resize(static_cast<size_t>(keep));
-  }
+  });
   return best;
 }
 
@@ -218,15 +249,25 @@ void rerank(const TopKParams& p, const cpu::LevelKernels& level, std::vector<Can
             int64_t q) {
   const float* qv = p.queries + q * p.dim;
   const float floor = p.min_score ? p.min_score[q] : kNegInf;
+  const size_t row_bytes = static_cast<size_t>(p.dim) * (p.rerank_dtype == DType::Float32 ? 4 : 2);
+  auto row = [&](int64_t id) {
+    return static_cast<const char*>(p.rerank_vectors) + static_cast<size_t>(id) * row_bytes;
+  };
+  // The rows are scattered over the copy: ask for the next one while scoring this one.
+  auto prefetch = [&](int64_t id) {
+    for (size_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row(id) + b);
+  };
   std::vector<Candidate> kept;
   kept.reserve(cands.size());
-  for (const Candidate& c : cands) {
-    float s;
-    if (p.rerank_dtype == DType::Float32)
-      s = level.dot_f32(qv, static_cast<const float*>(p.rerank_vectors) + c.id * p.dim, p.dim);
-    else
-      s = level.dot_f16(qv, static_cast<const uint16_t*>(p.rerank_vectors) + c.id * p.dim, p.dim);
-    if (s >= floor) kept.push_back({s, c.id});
+  if (!cands.empty()) prefetch(cands[0].id);
+  for (size_t j = 0; j < cands.size(); ++j) {
+    if (j + 1 < cands.size()) prefetch(cands[j + 1].id);
+    const int64_t id = cands[j].id;
+    const float s =
+        p.rerank_dtype == DType::Float32
+            ? level.dot_f32(qv, reinterpret_cast<const float*>(row(id)), p.dim)
+            : level.dot_f16(qv, reinterpret_cast<const uint16_t*>(row(id)), p.dim);
+    if (s >= floor) kept.push_back({s, id});
   }
   std::sort(kept.begin(), kept.end(), cpu::better);
   cands.swap(kept);
@@ -319,7 +360,8 @@ void topk(const TopKParams& p) {
     best.resize(static_cast<size_t>(Q));
   }
 
-  for (int64_t q = 0; q < Q; ++q) {
+  const int threads = reranking ? resolve_threads(p.threads, N, p.dim, Q) : 1;
+  for_each_query(threads, Q, [&](int64_t q) {
     auto& cands = best[q];
     if (reranking) rerank(p, level, cands, q);
     const int64_t n = std::min<int64_t>(k, static_cast<int64_t>(cands.size()));
@@ -327,7 +369,7 @@ void topk(const TopKParams& p) {
       p.out_scores[q * k + j] = j < n ? cands[j].score : kNegInf;
       p.out_ids[q * k + j] = j < n ? cands[j].id : -1;
     }
-  }
+  });
 }
 
 }  // namespace clapedge
