@@ -52,13 +52,15 @@ def _labels(ctx, param, values) -> tuple[tuple[str, Path], ...]:
 @click.option("--tagger-bank", default=None, help="Bank baked into tagger.onnx (default: the first).")
 @click.option("--tagger-k", default=3, show_default=True)
 @click.option("--no-gemm-front-end", is_flag=True, help="Keep the conv front end as Conv ops.")
+@click.option("--front-end", type=click.Choice(["rowwise", "static", "float"]), default=None,
+              help="INT8 of the conv front end GEMMs: per-frame dynamic (default on cpu), static QDQ (default for tensorrt) or float.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 @click.option("-v", "--verbose", is_flag=True)
 def main(model_dir, output, precision, calib, eval_data, calib_method, calib_lengths, calib_clips,
-         max_drop, target, engine, banks, labels, tagger_bank, tagger_k, no_gemm_front_end, seed,
-         force, as_json, verbose):
+         max_drop, target, engine, banks, labels, tagger_bank, tagger_k, no_gemm_front_end,
+         front_end, seed, force, as_json, verbose):
     """Export MODEL_DIR (a clapedge model directory, see clap-convert) to a bundle."""
     from rich.console import Console
 
@@ -72,7 +74,8 @@ def main(model_dir, output, precision, calib, eval_data, calib_method, calib_len
             precision=precision, calib=calib, eval_data=eval_data, calib_method=calib_method,
             calib_lengths=calib_lengths, calib_clips=calib_clips, max_drop=max_drop,
             target=target, banks=banks, bank_files=labels, tagger_bank=tagger_bank,
-            tagger_k=tagger_k, gemm_front_end=not no_gemm_front_end, force=force, seed=seed)
+            tagger_k=tagger_k, gemm_front_end=not no_gemm_front_end, force=force, seed=seed,
+            front_end=front_end or ("static" if target == "tensorrt" else "rowwise"))
         if engine:
             from clapedge.export.tensorrt import require_tensorrt
 
@@ -88,7 +91,7 @@ def main(model_dir, output, precision, calib, eval_data, calib_method, calib_len
 
             build_engines(output)
     except ClapEdgeError as e:
-        console.print(f"[red]error:[/red] {e}")
+        click.echo(f"error: {e}", err=True)
         sys.exit(1)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))

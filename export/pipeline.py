@@ -65,6 +65,8 @@ class ExportOptions:
     window_seconds: float = 10.0
     hop_seconds: float = 5.0
     gemm_front_end: bool = True
+    min_k: int = 64  # smallest GEMM reduction dim worth quantizing
+    front_end: str = "rowwise"  # conv front end GEMMs: rowwise | static | float
     force: bool = False
     seed: int = 0
 
@@ -80,7 +82,11 @@ class ExportOptions:
         if self.tagger_k < 1:
             raise ConfigError(f"tagger_k {self.tagger_k}: must be >= 1")
         mf.ClipPolicy(self.min_seconds, self.max_seconds, self.window_seconds, self.hop_seconds)
-        quantize.QuantConfig(method=self.calib_method, target=self.target)
+        quantize.QuantConfig(method=self.calib_method, target=self.target,
+                             front_end=self.front_end)
+        if self.target == "tensorrt" and self.front_end == "rowwise":
+            raise ConfigError("--target tensorrt needs --front-end static or float (TensorRT "
+                              "takes explicit Q/DQ, not MatMulInteger)")
 
 
 Progress = Callable[[str], None]
@@ -298,7 +304,8 @@ class _Exporter:
     def quantize_audio(self, fp32: Path, work: Path, sample_rate: int,
                        keep_float: tuple[str, ...] = ()) -> tuple[Path, quantize.QuantPlan]:
         config = quantize.QuantConfig(method=self.opts.calib_method, target=self.opts.target,
-                                      keep_float=keep_float)
+                                      keep_float=keep_float, min_k=self.opts.min_k,
+                                      front_end=self.opts.front_end)
         plan = quantize.plan_quantization(onnx.load(str(fp32)), config)
         out = work / f"audio.int8.{len(keep_float)}.onnx"
         quantize.quantize_static(fp32, out, self.calibration, plan, config)
@@ -322,11 +329,13 @@ class _Exporter:
 
     # ------------------------------------------------------------------ bundle
 
-    def write_bundle(self, folder: Path, model, audio: Path, text: Path | None, precision: str,
+    def write_bundle(self, folder: Path, model, audio: Path, text: Path | None,
+                     precision: str | tuple[str, str],
                      banks: dict[str, tuple[BankSource, np.ndarray]], tagger: Path | None,
                      tagger_bank: str | None) -> mf.Manifest:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "banks").mkdir(exist_ok=True)
+        precision, text_precision = (precision, precision) if isinstance(precision, str) else precision
         cfg = model.config
         dim = cfg.embed_dim
         shutil.copyfile(audio, folder / "audio.onnx")
@@ -344,7 +353,7 @@ class _Exporter:
             text_io = (mf.TensorSpec(mf.INPUT_IDS, "int64", ("batch", "tokens")),
                        mf.TensorSpec(mf.ATTENTION_MASK, "int64", ("batch", "tokens")))
             towers.text = mf.TowerSpec("text.onnx", mf.sha256_file(folder / "text.onnx"),
-                                       precision, text_io,
+                                       text_precision, text_io,
                                        (mf.TensorSpec(mf.EMBEDDING, "float32", ("batch", dim)),))
             tokenizer = mf.TokenizerSpec("tokenizer.json", mf.sha256_file(folder / "tokenizer.json"),
                                          max_length=cfg.tokenizer.max_length if cfg.tokenizer else 512,
@@ -395,6 +404,7 @@ class _Exporter:
             work.mkdir()
             with self.step("export audio tower (fp32, parity)"):
                 audio32 = self.export_audio(model, work)
+                self.audio32 = audio32
             with self.step("export text tower (fp32, parity)"):
                 text32 = self.export_text(model, tok, pad_id, work)
             with self.step("encode label banks"):
@@ -421,7 +431,9 @@ class _Exporter:
             self.report.latency_ms = self.latencies(audio32, audio, sr)
             with self.step("write bundle"):
                 staged = tmp / "bundle"
-                self.write_bundle(staged, model, audio, text, opts.precision, banks, tagger,
+                text_precision = "fp32" if text == text32 else opts.precision
+                self.write_bundle(staged, model, audio, text, (opts.precision, text_precision),
+                                  banks, tagger,
                                   tagger_bank)
                 (staged / "export_report.json").write_text(
                     json.dumps(self.report.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -461,6 +473,7 @@ class _Exporter:
             clips, used = self.calibration_data(sr)
             feeds = [{"waveform": c[None, :], "attention_mask": np.ones((1, len(c)), np.int64)}
                      for c in clips]
+            self.calibration_feeds = feeds
         with self.step(f"calibrate ({len(feeds)} clips at {', '.join(f'{x:g}s' for x in opts.calib_lengths)})"):
             self.calibration = quantize.calibrate(audio32, feeds, quantize.QuantConfig(
                 method=opts.calib_method, target=opts.target), work)
@@ -488,12 +501,25 @@ class _Exporter:
             from clapedge.export.parity import cosine_rows
             self.report.quality["text_cosine"] = float(cosine_rows(
                 _run(t32, feeds_t)[mf.EMBEDDING], _run(t8, feeds_t)[mf.EMBEDDING]).min())
-            if held and any(it.attributes for it in held) and opts.max_drop is not None:
-                audio8 = self.fit_budget(model, audio32, text32, audio8, text8, plan, banks, work, sr)
+            self.labelled = bool(held and any(it.attributes for it in held))
+            self.quality_signals = signals
+            if opts.max_drop is not None:
+                audio8, text8 = self.fit_budget(model, audio32, text32, audio8, text8, plan,
+                                                banks, work, sr)
         return audio8, text8
 
     def task_metrics(self, model, audio: Path, text: Path, banks, work: Path, name: str) -> dict:
+        """The task metrics of ``clap-eval`` on the held-out split; without labels, the
+        centred cosine of the audio embedding to fp32 at each deployment length (1.0 for
+        fp32 itself), so the same budget applies."""
         from clapedge.calib.evaluate import evaluate, open_embedder
+
+        if not self.labelled:
+            if name == "fp32":
+                return {f"centred_cosine/{x:g}s": 1.0 for x in self.opts.calib_lengths}
+            cos = self.embedding_quality(self.audio32, audio, self.quality_signals,
+                                         model.config.sample_rate)
+            return {f"centred_cosine/{k}": v for k, v in cos.items()}
 
         folder = work / f"eval-{name}"
         if folder.exists():
@@ -503,29 +529,40 @@ class _Exporter:
         split = "test" if any(it.split == "test" for it in read_source(source)) else "val"
         return evaluate(open_embedder(folder), source, split=split, model_name=name).headline()
 
-    def fit_budget(self, model, audio32, text32, audio8, text8, plan, banks, work, sr) -> Path:
-        """Keeps the most sensitive quantized nodes in float until every task metric is
-        within ``max_drop`` of fp32 (doubling the kept set each round)."""
+    def fit_budget(self, model, audio32, text32, audio8, text8, plan, banks, work, sr):
+        """Keeps the most sensitive quantized audio nodes in float (doubling the kept set each
+        round), then the text tower, until every task metric is within ``max_drop`` of fp32.
+        Returns the (audio, text) models that fit."""
         budget = self.opts.max_drop
         reference = self.task_metrics(model, audio32, text32, banks, work, "fp32")
         ranking = None
         keep: tuple[str, ...] = ()
         attempts = []
+        text_float = False
         while True:
-            metrics = self.task_metrics(model, audio8, text8, banks, work, f"int8-{len(keep)}")
+            metrics = self.task_metrics(model, audio8, text8, banks, work,
+                                        f"int8-{len(keep)}-{int(text_float)}")
             drops = {k: reference[k] - metrics.get(k, 0.0) for k in reference}
             worst = max(drops.values(), default=0.0)
-            attempts.append({"kept_float": len(keep), "worst_drop": round(worst, 4)})
-            self.progress(f"INT8 task metrics: worst drop {worst:.4f} with {len(keep)} nodes kept float")
+            attempts.append({"audio_nodes_kept_float": len(keep), "text_float": text_float,
+                             "worst_drop": round(worst, 4),
+                             "worst_metric": max(drops, key=drops.get) if drops else None})
+            self.progress(f"INT8 task metrics: worst drop {worst:.4f} with {len(keep)} audio "
+                          f"nodes kept float{' and the text tower float' if text_float else ''}")
             if worst <= budget:
                 break
             if ranking is None:
                 from clapedge.export.sensitivity import rank_nodes
-                ranking = rank_nodes(audio32, audio8, plan, self.calibration_feeds_for_ranking(sr))
+
+                ranking = rank_nodes(audio32, audio8, plan, self.ranking_feeds())
             if len(keep) >= len(ranking):
-                raise AccuracyBudgetError(
-                    f"INT8 loses {worst:.4f} (> --max-drop {budget}) even with every quantized "
-                    f"GEMM kept float; export fp16/fp32 or raise --max-drop")
+                if text_float:
+                    raise AccuracyBudgetError(
+                        f"INT8 loses {worst:.4f} on {attempts[-1]['worst_metric']} (> --max-drop "
+                        f"{budget}) even with every quantized node kept float; export with "
+                        f"--fp16/--fp32 or raise --max-drop")
+                text_float, text8 = True, text32
+                continue
             keep = tuple(ranking[: max(1, 2 * len(keep))])
             with self.step(f"re-quantize keeping {len(keep)} nodes float"):
                 audio8, plan = self.quantize_audio(audio32, work, sr, keep)
@@ -534,14 +571,15 @@ class _Exporter:
         self.report.quality["task_drop"] = drops
         self.report.quality["max_drop_budget"] = budget
         self.report.quantization["audio"].update(plan.summary())
-        self.report.quantization["accuracy_search"] = {"attempts": attempts, "kept_float": list(keep)}
-        return audio8
+        if text_float:
+            self.report.quantization["text"] = {"mode": "kept fp32 by the accuracy search"}
+        self.report.quantization["accuracy_search"] = {"attempts": attempts,
+                                                       "kept_float": list(keep)}
+        return audio8, text8
 
-    def calibration_feeds_for_ranking(self, sr: int) -> list[dict[str, np.ndarray]]:
-        rng = np.random.default_rng(self.opts.seed)
-        n = int(2.0 * sr)
-        return [{"waveform": (0.1 * rng.standard_normal((1, n))).astype(np.float32),
-                 "attention_mask": np.ones((1, n), np.int64)}]
+    def ranking_feeds(self) -> list[dict[str, np.ndarray]]:
+        """Real calibration clips (2 of them, at the first deployment length) for ranking."""
+        return self.calibration_feeds[:2]
 
     def latencies(self, fp32: Path, final: Path, sr: int) -> dict:
         out = {}

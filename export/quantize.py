@@ -46,6 +46,9 @@ class QuantConfig:
     target: Target = "cpu"
     min_k: int = 64
     quantize_conv: bool = False
+    # Conv front end GEMMs: "rowwise" (dynamic per-frame INT8, see rowwise.py), "static"
+    # (per-tensor QDQ like the rest) or "float".
+    front_end: Literal["rowwise", "static", "float"] = "rowwise"
     keep_float: tuple[str, ...] = ()  # node names kept float by the accuracy search
 
     def __post_init__(self) -> None:
@@ -56,6 +59,8 @@ class QuantConfig:
                               f"percentile")
         if self.target not in ("cpu", "tensorrt"):
             raise ConfigError(f"target {self.target!r}: use cpu or tensorrt")
+        if self.front_end not in ("rowwise", "static", "float"):
+            raise ConfigError(f"front_end {self.front_end!r}: use rowwise, static or float")
         if not 90.0 <= self.percentile < 100.0:
             raise ConfigError(f"percentile {self.percentile}: must be in [90, 100)")
 
@@ -65,13 +70,22 @@ class QuantPlan:
     """The nodes to quantize and, for every candidate left float, why."""
 
     quantize: list[str] = field(default_factory=list)
+    rowwise: list[str] = field(default_factory=list)
     float_reasons: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict:
         reasons: dict[str, int] = defaultdict(int)
         for reason in self.float_reasons.values():
             reasons[reason] += 1
-        return {"quantized_nodes": len(self.quantize), "kept_float": dict(reasons)}
+        return {"quantized_nodes": len(self.quantize), "rowwise_dynamic_nodes": len(self.rowwise),
+                "kept_float": dict(reasons)}
+
+
+FRONT_END_WEIGHT = ".gemm_front_end."  # initializer names of export/rewrite.py's GEMM convs
+
+
+def is_front_end(node: onnx.NodeProto) -> bool:
+    return len(node.input) > 1 and FRONT_END_WEIGHT in node.input[1]
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -110,6 +124,10 @@ def plan_quantization(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
                 plan.float_reasons[node.name] = f"GEMM with K < {config.min_k}: int8 does not pay off"
             elif node.name in config.keep_float:
                 plan.float_reasons[node.name] = "kept float by the accuracy search"
+            elif is_front_end(node) and config.front_end == "float":
+                plan.float_reasons[node.name] = "conv front end kept float (--front-end float)"
+            elif is_front_end(node) and config.front_end == "rowwise" and node.op_type == "MatMul":
+                plan.rowwise.append(node.name)
             else:
                 quantized.add(node.name)
         elif node.op_type == "Conv":
@@ -180,6 +198,10 @@ def quantize_static(model_path: Path, out_path: Path, calibration: Calibration,
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
     model = onnx.load(str(model_path))
+    if plan.rowwise:
+        from clapedge.export.rowwise import rowwise_int8
+
+        rowwise_int8(model, plan.rowwise)
     tensorrt = config.target == "tensorrt"
     activation = QuantType.QInt8 if tensorrt else QuantType.QUInt8
     extra = {"WeightSymmetric": True, "ActivationSymmetric": tensorrt,
@@ -217,8 +239,44 @@ def convert_fp16(model_path: Path, out_path: Path) -> None:
     """fp16 weights and compute, fp32 inputs/outputs (LayerNorm-heavy graphs keep accuracy)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True,
+    model = onnx.load(str(model_path))
+    _unshare_small_initializers(model)
+    model = convert_float_to_float16(model, keep_io_types=True,
                                      op_block_list=["LayerNormalization", "SkipLayerNormalization",
                                                     "ReduceL2", "Softmax", "Log", "Range"])
+    _unique_node_names(model)
     model.ir_version = min(model.ir_version, IR_VERSION)
     onnx.save_model(model, str(out_path))
+
+
+def _unique_node_names(model: onnx.ModelProto) -> None:
+    """The fp16 converter names its casts after the initializer they cast, so a weight shared
+    by two blocked nodes yields two nodes of one name (an invalid model)."""
+    seen: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.name in seen:
+            seen[node.name] += 1
+            node.name = f"{node.name}_{seen[node.name]}"
+        else:
+            seen[node.name] = 0
+
+
+def _unshare_small_initializers(model: onnx.ModelProto, max_elements: int = 1 << 16) -> None:
+    """Gives each consumer of a small shared initializer its own copy: the exporter
+    deduplicates equal constants (LayerNorm weights of several layers), and the fp16
+    converter names the fp32 cast it inserts for a blocked op after the initializer, so a
+    shared one would be defined twice."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    seen: dict[str, int] = defaultdict(int)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            tensor = inits.get(name)
+            if tensor is None or int(np.prod(tensor.dims)) > max_elements:
+                continue
+            seen[name] += 1
+            if seen[name] > 1:
+                copy = numpy_helper.from_array(numpy_helper.to_array(tensor), f"{name}__{seen[name]}")
+                model.graph.initializer.append(copy)
+                node.input[i] = copy.name

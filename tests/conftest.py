@@ -23,3 +23,48 @@ def tiny_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "tiny"
     write_corpus(out, CorpusConfig(size="tiny", seed=0, workers=1))
     return out
+
+
+TINY_WORDS = ("a the person is speaking in style voice calm low high pitched female male fast "
+              "slow loud quiet whisper whispering speech with scottish accent happy neutral deep "
+              "soft creaky modal mid normal expressive monotone woman man speaks").split()
+
+
+def write_tiny_tokenizer(path: Path) -> Path:
+    """A WordLevel tokenizer.json whose ids fit the tiny presets' 128-token vocabulary."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, ",": 4, ".": 5, "-": 6}
+    for word in TINY_WORDS:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                 pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    return path / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: a saved tiny ClapModel directory (random init, seed 0) with a tiny tokenizer."""
+    made: dict[str, Path] = {}
+
+    def make(preset: str = "default") -> Path:
+        if preset not in made:
+            import torch
+
+            from clapedge.models import ClapModel, build_preset
+
+            root = tmp_path_factory.mktemp(f"model-{preset}")
+            write_tiny_tokenizer(root / "tok")
+            torch.manual_seed(0)
+            model = ClapModel.from_config(build_preset(preset, tiny=True)).eval()
+            model.attach_tokenizer(root / "tok", max_length=64)
+            made[preset] = model.save_dir(root / "model")
+        return made[preset]
+
+    return make
