@@ -134,6 +134,39 @@ class Gallery:
             arrays["rerank"] = _aligned_copy(x) if rerank_dtype == "float32" else _to_fp16(x, "re-rank copy")
         self._init(dtype, n, dim, arrays, rerank_dtype if rerank else None)
 
+    @classmethod
+    def from_int8(cls, codes: np.ndarray, scales: np.ndarray, rerank: np.ndarray | None = None,
+                  *, threads: int = 0) -> "Gallery":
+        """An int8 gallery from codes already quantised elsewhere (e.g. an index segment):
+        codes int8 [n, dim] in [-127, 127] (row i ~= codes[i] * scales[i]), scales float32 [n],
+        and optionally the exact rows (float32 or float16 [n, dim]) for the re-rank."""
+        codes = np.ascontiguousarray(codes)
+        scales = np.ascontiguousarray(scales, dtype=np.float32)
+        if codes.dtype != np.int8 or codes.ndim != 2 or codes.shape[1] == 0:
+            raise KernelInputError(f"codes must be int8 [n, dim], got {codes.dtype} {codes.shape}")
+        if (codes == -128).any():
+            raise KernelInputError("codes must lie in [-127, 127] (symmetric quantisation)")
+        n, dim = codes.shape
+        if scales.shape != (n,) or not np.isfinite(scales).all():
+            raise KernelInputError(f"scales must be {n} finite float32 values, got shape {scales.shape}")
+        padded_scales = np.zeros(num_groups(n) * GROUP_ROWS, dtype=np.float32)
+        padded_scales[:n] = scales
+        packed = aligned_empty((num_groups(n), padded_dim(dim) * GROUP_ROWS), np.int8)
+        corrections = np.empty(num_groups(n) * GROUP_ROWS, dtype=np.int32)
+        _native.pack_int8(codes, packed, corrections, _threads(threads))
+        arrays = {"codes": packed, "scales": padded_scales, "corrections": corrections}
+        rerank_dtype = None
+        if rerank is not None:
+            r = np.asarray(rerank)
+            if r.shape != (n, dim) or r.dtype not in (np.float32, np.float16):
+                raise KernelInputError(
+                    f"rerank must be float32 or float16 [{n}, {dim}], got {r.dtype} {r.shape}")
+            arrays["rerank"] = _aligned_copy(r)
+            rerank_dtype = "float32" if r.dtype == np.float32 else "fp16"
+        g = cls.__new__(cls)
+        g._init("int8", n, dim, arrays, rerank_dtype)
+        return g
+
     def _init(self, dtype: str, n: int, dim: int, arrays: dict[str, np.ndarray],
               rerank_dtype: str | None) -> None:
         self._dtype, self._n, self._dim = dtype, n, dim

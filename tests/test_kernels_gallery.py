@@ -127,3 +127,17 @@ def test_queries_quantised_like_the_gallery(data):
     gal = Gallery(g, "int8", rerank=False)
     _, ids = topk(g[[5, 500, 1002]], gal, 1)
     assert ids[:, 0].tolist() == [5, 500, 1002]
+
+
+def test_from_int8_matches_quantising_here(data):
+    g, q = data
+    codes, scales = quantize_int8(g)
+    built = Gallery.from_int8(codes, scales, rerank=g)
+    here = Gallery(g, "int8")
+    for name in ("codes", "scales", "corrections", "rerank"):
+        np.testing.assert_array_equal(built._arrays[name], here._arrays[name])
+    np.testing.assert_array_equal(topk(q, built, 5)[1], topk(q, here, 5)[1])
+    with pytest.raises(ValueError, match="-127, 127"):
+        Gallery.from_int8(np.full((2, 3), -128, np.int8), np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="scales must be"):
+        Gallery.from_int8(codes, scales[:-1])
