@@ -209,10 +209,17 @@ std::vector<std::vector<Candidate>> first_pass_cpu(const TopKParams& p, const cp
                                                    const std::vector<float>& floors) {
   const int64_t Q = p.num_queries, N = p.num_vectors;
   const int threads = resolve_threads(p.threads, N, padded_dim(p.dim), Q);
-  // Enough chunks to balance the load, each a multiple of the int8 group and big enough to
-  // amortise the heap traffic of a chunk switch.
-  int64_t chunk = std::max<int64_t>(2048, N / (int64_t{threads} * 16));
-  chunk = (chunk + kGroupRows - 1) / kGroupRows * kGroupRows;
+  // Guided chunks: each takes a share of what is left, so the first are large (few switches)
+  // and the last small (a thread that was preempted on a shared machine holds up the end by
+  // little). Boundaries are multiples of the int8 group.
+  std::vector<int64_t> bounds{0};
+  while (bounds.back() < N) {
+    const int64_t left = N - bounds.back();
+    int64_t chunk = std::max<int64_t>(2048, left / (int64_t{threads} * 4));
+    chunk = (chunk + kGroupRows - 1) / kGroupRows * kGroupRows;
+    bounds.push_back(std::min(N, bounds.back() + chunk));
+  }
+  const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
 
   std::vector<Candidate> storage(static_cast<size_t>(threads * Q * keep));
   std::vector<TopKHeap> heaps(static_cast<size_t>(threads * Q));
@@ -222,11 +229,8 @@ std::vector<std::vector<Candidate>> first_pass_cpu(const TopKParams& p, const cp
   std::vector<char> finite(static_cast<size_t>(threads), 1);
   std::atomic<int64_t> next{0};
   parallel_run(threads, [&](int t) {
-    for (;;) {
-      const int64_t n0 = next.fetch_add(chunk);
-      if (n0 >= N) break;
-      if (!level.scan(job, n0, std::min(N, n0 + chunk), heaps.data() + t * Q)) finite[t] = 0;
-    }
+    for (int64_t c; (c = next.fetch_add(1)) < chunks;)
+      if (!level.scan(job, bounds[c], bounds[c + 1], heaps.data() + t * Q)) finite[t] = 0;
   });
   for (char f : finite)
     if (!f) throw KernelInputError("queries or gallery contain NaN or Inf (a score was not finite)");
