@@ -222,3 +222,10 @@ def test_errors_are_clapedge_errors():
     from clapedge.errors import ClapEdgeError
     with pytest.raises(ClapEdgeError):
         topk(np.ones((1, 4), np.float32), np.ones((3, 5), np.float32), 1)
+
+
+def test_no_queries():
+    g = np.ones((5, 4), np.float32)
+    for gal in (g, Gallery(g, "int8"), Gallery(g, "fp16")):
+        s, i = topk(np.zeros((0, 4), np.float32), gal, 3)
+        assert s.shape == i.shape == (0, 3)
