@@ -32,8 +32,8 @@ def topk(
             bool and object arrays are refused.
         k: results per query (> 0). With fewer than k qualifying rows the tail is padded with
             id -1 and score -inf.
-        threads: worker threads (0: all cores); the gallery is split across them, so a single
-            query uses them all.
+        threads: worker threads (0 or less: all cores); the gallery is split across them, so a
+            single query uses them all.
         allow: optional allow-list: a boolean mask [N], or an integer array of row ids.
         min_score: optional minimum score, one float or one per query.
         rerank_factor: for a Gallery with a re-rank copy, how many candidates per result the
@@ -71,7 +71,7 @@ def topk(
         raise KernelInputError(
             f"queries have dim {q.shape[1]} but the gallery has dim {dim}; they must match")
     if n == 0:  # an empty gallery of any dim gives empty results
-        args, n = _array_gallery(np.zeros((0, q.shape[1]), np.float32))[0], 0
+        args, _, _ = _array_gallery(np.zeros((0, q.shape[1]), np.float32))
 
     scores = np.empty((q.shape[0], int(k)), dtype=np.float32)
     ids = np.empty((q.shape[0], int(k)), dtype=np.int64)

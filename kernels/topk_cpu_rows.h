@@ -90,19 +90,32 @@ bool rows_tile_upto(const ScanJob& job, int64_t q0, int64_t qt, int64_t r0, TopK
   return rows_tile<Vec, Rows, QT, RT>(job, q0, r0, heaps);
 }
 
-// A few rows at a time (they stay in L1) against every query: each gallery byte comes from
-// memory once whatever the number of queries.
+// Blocked like a matrix product so that both operands come from cache: a block of rows
+// (~256 KiB, read from memory once, then from L2) meets the queries a super-block at a time
+// (~24 KiB, kept in L1), in register tiles of QT queries x RT rows. The loop order does not
+// change any pair's arithmetic (see dots), so results do not depend on the number of queries.
 template <class Vec, class Rows, int QT, int RT>
 bool scan_rows(const ScanJob& job, int64_t n0, int64_t n1, TopKHeap* heaps) {
-  const int64_t Q = job.num_queries;
+  const int64_t Q = job.num_queries, D = job.dim;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(typename Rows::Elem));
+  // One tile of queries: just stream the rows (no block boundaries in the prefetchers' way).
+  const int64_t rows_per_block =
+      Q <= QT ? n1 - n0 : max64(RT, (int64_t{256} << 10) / row_bytes / RT * RT);
+  const int64_t queries_per_block = max64(QT, (int64_t{24} << 10) / (D * 4) / QT * QT);
   bool ok = true;
-  int64_t r0 = n0;
-  for (; r0 + RT <= n1; r0 += RT)
-    for (int64_t q0 = 0; q0 < Q; q0 += QT)
-      ok &= rows_tile_upto<Vec, Rows, QT, RT>(job, q0, min64(QT, Q - q0), r0, heaps);
-  for (; r0 < n1; ++r0)  // the last rows, one at a time (same per-pair arithmetic)
-    for (int64_t q0 = 0; q0 < Q; q0 += QT)
-      ok &= rows_tile_upto<Vec, Rows, QT, 1>(job, q0, min64(QT, Q - q0), r0, heaps);
+  for (int64_t b0 = n0; b0 < n1; b0 += rows_per_block) {
+    const int64_t b1 = min64(n1, b0 + rows_per_block);
+    for (int64_t s0 = 0; s0 < Q; s0 += queries_per_block) {
+      const int64_t s1 = min64(Q, s0 + queries_per_block);
+      int64_t r0 = b0;
+      for (; r0 + RT <= b1; r0 += RT)
+        for (int64_t q0 = s0; q0 < s1; q0 += QT)
+          ok &= rows_tile_upto<Vec, Rows, QT, RT>(job, q0, min64(QT, s1 - q0), r0, heaps);
+      for (; r0 < b1; ++r0)  // the block's last rows, one at a time (same arithmetic)
+        for (int64_t q0 = s0; q0 < s1; q0 += QT)
+          ok &= rows_tile_upto<Vec, Rows, QT, 1>(job, q0, min64(QT, s1 - q0), r0, heaps);
+    }
+  }
   return ok;
 }
 
