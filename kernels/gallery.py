@@ -100,10 +100,13 @@ class Gallery:
             Default: on for int8, off otherwise (float32 needs none).
         rerank_dtype: "float32" (exact scores) or "fp16" (half the memory).
         threads: threads for quantisation (0: all cores).
+        copy: False keeps a reference to `vectors` instead of a copy where float32 rows are
+            stored (dtype float32, or the float32 re-rank copy), when `vectors` is already
+            C-contiguous float32. The caller must then not modify it.
     """
 
     def __init__(self, vectors: np.ndarray, dtype: str = "int8", rerank: bool | None = None,
-                 rerank_dtype: str = "float32", *, threads: int = 0):
+                 rerank_dtype: str = "float32", *, threads: int = 0, copy: bool = True):
         dtype = _check_dtype(dtype, "dtype")
         rerank_dtype = _check_dtype(rerank_dtype, "rerank_dtype")
         if rerank_dtype == "int8":
@@ -129,9 +132,12 @@ class Gallery:
         elif dtype == "fp16":
             arrays["vectors"] = _to_fp16(x, "gallery vectors")
         else:
-            arrays["vectors"] = _aligned_copy(x)
+            arrays["vectors"] = _aligned_copy(x) if copy else x
         if rerank:
-            arrays["rerank"] = _aligned_copy(x) if rerank_dtype == "float32" else _to_fp16(x, "re-rank copy")
+            if rerank_dtype == "float32":
+                arrays["rerank"] = _aligned_copy(x) if copy else x
+            else:
+                arrays["rerank"] = _to_fp16(x, "re-rank copy")
         self._init(dtype, n, dim, arrays, rerank_dtype if rerank else None)
 
     @classmethod

@@ -141,3 +141,12 @@ def test_from_int8_matches_quantising_here(data):
         Gallery.from_int8(np.full((2, 3), -128, np.int8), np.ones(2, np.float32))
     with pytest.raises(ValueError, match="scales must be"):
         Gallery.from_int8(codes, scales[:-1])
+
+
+def test_copy_false_shares_float32_rows(data):
+    g, q = data
+    shared = Gallery(g, "int8", copy=False)
+    assert shared._arrays["rerank"] is g
+    assert Gallery(g, "float32", copy=False)._arrays["vectors"] is g
+    assert Gallery(g, "int8")._arrays["rerank"] is not g
+    np.testing.assert_array_equal(topk(q, shared, 5)[1], topk(q, Gallery(g, "int8"), 5)[1])
