@@ -461,7 +461,7 @@ class Index:
         remove the live records of these paths first (a re-indexed file).
         """
         with self._mutex:
-            self._require_writable("add embeddings to")
+            self.require_writable("add embeddings to")
             x = self._check_vectors(vectors, "vectors")
             n = len(x)
             cols = _metadata_columns(n, paths, start_s, end_s, duration_s, tags, sha256)
@@ -491,7 +491,7 @@ class Index:
         stop returning them at once, ``compact`` reclaims their space). Returns how many
         live records were removed."""
         with self._mutex:
-            self._require_writable("remove records from")
+            self.require_writable("remove records from")
             cat = self._catalog
             targets = [np.asarray([] if ids is None else ids, dtype=np.int64).reshape(-1)]
             with cat.write():
@@ -508,7 +508,7 @@ class Index:
         """Merge all segments into one and drop the tombstoned vectors. Readers keep
         searching the old segments until their next search. Returns counts before/after."""
         with self._mutex:
-            self._require_writable("compact")
+            self.require_writable("compact")
             view = self._view
             before = {"segments": len(view.segments),
                       "tombstones": sum(int(m.sum()) for m in view.deleted.values())}
@@ -662,6 +662,11 @@ class Index:
 
     # -- looking things up
 
+    def ids(self, filter: Filter | None = None) -> np.ndarray:
+        """Sorted ids (int64) of the live records matching ``filter`` (default: all)."""
+        with self._mutex:
+            return self._catalog.ids_where(*(filter or Filter()).where())
+
     def records(self, ids: Sequence[int]) -> dict[int, RecordRow]:
         """Metadata of live records by id."""
         with self._mutex:
@@ -728,7 +733,8 @@ class Index:
 
     # -- internals
 
-    def _require_writable(self, what: str) -> None:
+    def require_writable(self, what: str = "change") -> None:
+        """Raise ``IndexReadOnlyError`` (saying why and what to do) unless writable."""
         if self._lock is None:
             raise IndexReadOnlyError(f"cannot {what} {self.root}: it is open read-only "
                                      f"(Index.open(path) opens it for writing)")

@@ -151,6 +151,7 @@ class Indexer:
     def __init__(self, index: Index, runtime, *, window: WindowPolicy | None = None,
                  tags: dict | None = None, batch_size: int = 8, commit_records: int = 256):
         index.check_bundle(runtime)
+        index.require_writable("add files to")
         self.index, self.runtime = index, runtime
         self.window = window or WindowPolicy()
         clip = runtime.manifest.clip

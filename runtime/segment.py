@@ -296,6 +296,8 @@ def read_header(directory: Path) -> tuple[SegmentHeader, np.ndarray]:
         if header.ids_offset < 20 + hlen or len(data) != end:
             raise IndexCorruptError(name, f"{SEGMENT_FILE} has {len(data)} bytes, expected "
                                           f"{end} (truncated or extended)")
+        if any(data[20 + hlen:header.ids_offset]):
+            raise IndexCorruptError(name, f"{SEGMENT_FILE} padding is not zero (corrupt)")
         raw = data[header.ids_offset:end]
         if zlib.crc32(raw) != header.ids_crc32:
             raise IndexCorruptError(name, f"{SEGMENT_FILE} ids fail their checksum")
