@@ -1,0 +1,212 @@
+"""Encoder latency and accuracy: PyTorch eager, ORT fp32, ORT dynamic INT8 (the off-the-shelf
+path: MatMul-only, per-channel, on the plain export) and clapedge INT8, for 1, 2, 5 and 10 s
+of audio, batch 1, 2 threads; centred cosine to fp32 per length; the text tower fp32 vs INT8;
+file sizes.
+
+    python -m clapedge.bench.export [--preset ess-clap] [--corpus DIR] [--runs 5]
+
+``ess-clap`` has the WavLM-base-plus-shaped audio tower (random init: accuracy is the centred
+cosine). Writes the ``export`` section of docs/benchmarks.md and docs/plots/encoder_latency.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+LENGTHS = (1.0, 2.0, 5.0, 10.0)
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _time(fn, runs: int) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _clips(corpus: Path, seconds: float, n: int) -> list[np.ndarray]:
+    from clapedge.calib.readers import decode_items, read_source
+    from clapedge.calib.sampling import length_buckets
+
+    items = [it for it in read_source(corpus) if it.split in ("test", "val")] or read_source(corpus)
+    signals = [s for _, s in decode_items(items[:40], 16000)]
+    return length_buckets(signals, [seconds], 16000, n)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    from clapedge.bench.report import machine_line, write_section
+    from clapedge.export import graph, quantize
+    from clapedge.export.parity import centred_cosine
+    from clapedge.export.pipeline import ExportOptions, _Exporter
+    from clapedge.models import ClapModel, build_preset
+    from clapedge.models.minilm import minilm_dir
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="ess-clap")
+    p.add_argument("--corpus", type=Path, default=None, help="clap-corpus dir (default: a fresh small one)")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clips", type=int, default=6, help="held-out clips per length for accuracy")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="clapedge-bench-export-"))
+    corpus = args.corpus
+    if corpus is None:
+        from clapedge.train.corpus import CorpusConfig, write_corpus
+
+        corpus = work / "corpus"
+        write_corpus(corpus, CorpusConfig(size="small", seed=0))
+    torch.manual_seed(0)
+    model = ClapModel.from_config(build_preset(args.preset)).eval()
+    model.attach_tokenizer(minilm_dir(), max_length=64)  # tokenizer only: lengths for the text probe
+    model_dir = model.save_dir(work / "model")
+
+    # Our pipeline's pieces, one calibration, and the off-the-shelf anchor on the plain graph.
+    plain = _Exporter(model_dir, work / "unused", ExportOptions(precision="fp32", gemm_front_end=False), None)
+    ours = _Exporter(model_dir, work / "unused", ExportOptions(precision="int8", calib=corpus), None)
+    fp32_plain = plain.export_audio(model, _mkdir(work / "plain"))
+    fp32 = ours.export_audio(model, _mkdir(work / "ours"))
+    clips_cal, _ = ours.calibration_data(16000)
+    feeds = [{"waveform": c[None], "attention_mask": np.ones((1, len(c)), np.int64)} for c in clips_cal]
+    ours.calibration = quantize.calibrate(fp32, feeds, quantize.QuantConfig(), work / "ours")
+    int8, plan = ours.quantize_audio(fp32, work / "ours", 16000)
+    dyn = work / "plain" / "audio.dynamic-int8.onnx"
+    quantize.quantize_dynamic_matmul(fp32_plain, dyn)
+
+    sessions = {"ORT fp32": _session(fp32_plain, args.threads),
+                "ORT dynamic INT8 (MatMul, per-channel)": _session(dyn, args.threads),
+                "clapedge fp32 (GEMM front end)": _session(fp32, args.threads),
+                "clapedge INT8": _session(int8, args.threads)}
+    rows = []
+    for seconds in LENGTHS:
+        clips = _clips(corpus, seconds, args.clips)
+        feed = {"waveform": clips[0][None], "attention_mask": np.ones((1, len(clips[0])), np.int64)}
+        with torch.no_grad():
+            wave, mask = torch.from_numpy(feed["waveform"]), torch.from_numpy(feed["attention_mask"])
+            eager = _time(lambda: model.embed_audio(wave, mask), max(2, args.runs // 2))
+        ref = np.concatenate([sessions["ORT fp32"].run(None, {"waveform": c[None], "attention_mask":
+                              np.ones((1, len(c)), np.int64)})[0] for c in clips])
+        row = {"seconds": seconds, "PyTorch eager fp32": (eager, 1.0)}
+        for name, s in sessions.items():
+            ms = _time(lambda s=s: s.run(None, feed), args.runs)
+            got = np.concatenate([s.run(None, {"waveform": c[None], "attention_mask":
+                                  np.ones((1, len(c)), np.int64)})[0] for c in clips])
+            row[name] = (ms, float(centred_cosine(ref, got, ref.mean(0)).min()))
+        rows.append(row)
+        print(seconds, {k: (round(v[0], 1), round(v[1], 4)) for k, v in row.items() if k != "seconds"}, flush=True)
+
+    text = _text_rows(work, args.threads, args.runs)
+    sizes = {"audio fp32": fp32.stat().st_size / 1e6, "audio INT8": int8.stat().st_size / 1e6}
+    body = _markdown(rows, text, sizes, plan.summary(), args, machine_line())
+    print(body)
+    if not args.no_write:
+        _plot(rows)
+        write_section("export", body)
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _text_rows(work: Path, threads: int, runs: int) -> dict:
+    """The real all-MiniLM-L6-v2 text tower (default preset): fp32 vs dynamic INT8."""
+    import torch
+
+    from clapedge.export import quantize
+    from clapedge.export.parity import cosine_rows
+    from clapedge.export.pipeline import TEXT_PROBES, ExportOptions, _Exporter, _pad_id, _tokenizer, tokenize
+    from clapedge.models.minilm import build_default_model
+
+    model = build_default_model().eval()
+    model_dir = model.save_dir(work / "default-model")
+    ex = _Exporter(model_dir, work / "unused", ExportOptions(precision="fp32"), None)
+    tok, _ = _tokenizer(model, model_dir)
+    fp32 = ex.export_text(model, tok, _pad_id(model), _mkdir(work / "text"))
+    int8 = work / "text" / "text.int8.onnx"
+    quantize.quantize_dynamic_matmul(fp32, int8)
+    ids, mask = tokenize(tok, TEXT_PROBES, _pad_id(model))
+    feed = {"input_ids": ids[:1], "attention_mask": mask[:1]}
+    a, b = _session(fp32, threads), _session(int8, threads)
+    full = {"input_ids": ids, "attention_mask": mask}
+    cos = float(cosine_rows(a.run(None, full)[0], b.run(None, full)[0]).min())
+    del torch
+    return {"fp32 ms": _time(lambda: a.run(None, feed), runs * 4),
+            "int8 ms": _time(lambda: b.run(None, feed), runs * 4), "cosine": cos,
+            "fp32 MB": fp32.stat().st_size / 1e6, "int8 MB": int8.stat().st_size / 1e6}
+
+
+def _markdown(rows, text, sizes, plan, args, machine) -> str:
+    names = [k for k in rows[0] if k != "seconds"]
+    out = ["## Export: audio encoder latency and accuracy vs audio length", "",
+           f"Command: `python -m clapedge.bench.export --preset {args.preset} --runs {args.runs}`",
+           f"Machine: {machine}. Batch 1, {args.threads} threads, median of {args.runs} runs; "
+           "one run of the script, so compare ratios within the table.", "",
+           f"Audio tower: `{args.preset}` preset (WavLM-base-plus shape, random init), so "
+           "accuracy is the centred cosine to ORT fp32 on held-out corpus clips at each length "
+           f"(min over {args.clips} clips). INT8 plan: {plan}.", "",
+           "| audio | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = [f"{r[n][0]:.0f} ms" + (f" (cos {r[n][1]:.4f})" if n != "PyTorch eager fp32" else "")
+                 for n in names]
+        out.append(f"| {r['seconds']:g} s | " + " | ".join(cells) + " |")
+    out += ["", "| audio | clapedge INT8 vs ORT fp32 | vs ORT dynamic INT8 |", "|---|---|---|"]
+    for r in rows:
+        ours = r["clapedge INT8"][0]
+        out.append(f"| {r['seconds']:g} s | {r['ORT fp32'][0] / ours:.2f}x | "
+                   f"{r['ORT dynamic INT8 (MatMul, per-channel)'][0] / ours:.2f}x |")
+    out += ["", f"Sizes: audio fp32 {sizes['audio fp32']:.1f} MB, INT8 {sizes['audio INT8']:.1f} MB "
+            f"({sizes['audio INT8'] / sizes['audio fp32']:.2f}x).", "",
+            f"Text tower (all-MiniLM-L6-v2, one prompt): fp32 {text['fp32 ms']:.2f} ms, dynamic "
+            f"INT8 {text['int8 ms']:.2f} ms ({text['fp32 ms'] / text['int8 ms']:.2f}x), cosine "
+            f"{text['cosine']:.4f}; {text['fp32 MB']:.1f} MB -> {text['int8 MB']:.1f} MB.", "",
+            "![encoder latency vs audio length](plots/encoder_latency.png)"]
+    return "\n".join(out) + "\n"
+
+
+def _plot(rows) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clapedge.bench.report import ROOT
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    xs = [r["seconds"] for r in rows]
+    for name in [k for k in rows[0] if k != "seconds"]:
+        ax.plot(xs, [r[name][0] for r in rows], marker="o", label=name)
+    ax.set_xlabel("audio length (s)")
+    ax.set_ylabel("latency (ms), batch 1")
+    ax.set_title("Audio encoder latency vs length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = ROOT / "docs" / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out / "encoder_latency.png")
+
+
+if __name__ == "__main__":
+    main()
