@@ -202,6 +202,13 @@ class Gallery:
         return self._rerank_dtype
 
     @property
+    def rerank_vectors(self) -> np.ndarray | None:
+        """The exact re-rank copy [n, dim] (float32 or float16, read-only when memory-mapped),
+        or None. Lets a caller rebuild or merge galleries without quantising twice."""
+        arr = self._arrays.get("rerank")
+        return None if arr is None else arr.reshape(self._n, self._dim)
+
+    @property
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self._arrays.values())
 

@@ -150,3 +150,11 @@ def test_copy_false_shares_float32_rows(data):
     assert Gallery(g, "float32", copy=False)._arrays["vectors"] is g
     assert Gallery(g, "int8")._arrays["rerank"] is not g
     np.testing.assert_array_equal(topk(q, shared, 5)[1], topk(q, Gallery(g, "int8"), 5)[1])
+
+
+def test_rerank_vectors_accessor(tmp_path, data):
+    g, _ = data
+    assert Gallery(g, "fp16").rerank_vectors is None
+    np.testing.assert_array_equal(Gallery(g, "int8").rerank_vectors, g)
+    back = Gallery.load(Gallery(g, "int8", rerank_dtype="fp16").save(tmp_path / "g"))
+    assert back.rerank_vectors.dtype == np.float16 and back.rerank_vectors.shape == g.shape
