@@ -204,8 +204,8 @@ class Catalog:
 
     def ids_where(self, where: str, params: Sequence[Any] = ()) -> np.ndarray:
         """Sorted int64 ids of the live records matching ``where`` (an SQL condition)."""
-        cur = self.conn.execute(f"SELECT id FROM records WHERE {where} ORDER BY id", params)
-        return np.fromiter((r[0] for r in cur), dtype=np.int64)
+        rows = self.conn.execute(f"SELECT id FROM records WHERE {where}", params).fetchall()
+        return np.sort(np.array(rows, dtype=np.int64).reshape(-1))  # faster than ORDER BY
 
     def records(self, ids: Sequence[int]) -> dict[int, RecordRow]:
         out: dict[int, RecordRow] = {}

@@ -49,7 +49,9 @@ PROG = "clap-search"
               help="Only records with this tag; repeat for several.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line.")
 @click.option("--providers", default="auto", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads of the towers and the kernel (default: 1 for the text tower, all "
+                   "cores for the audio tower and the kernel).")
 def main(index: str, query: str | None, k: int, audio: str | None, bundle: str | None,
          path_prefix: str | None, min_duration: float | None, max_duration: float | None,
          tags: tuple[str, ...], as_json: bool, providers: str, threads: int | None) -> None:
@@ -66,7 +68,10 @@ def main(index: str, query: str | None, k: int, audio: str | None, bundle: str |
                      tags=parse_tags(tags, PROG) or None)
         with Index.open(index, readonly=True, threads=threads or 0) as idx:
             report_damage(idx, Console(stderr=True))
-            rt = open_runtime(bundle, idx, PROG, providers, threads)
+            # a text query is a few tokens: one thread is as fast, and leaves the cores to
+            # the kernel (ONNX Runtime's pool threads keep spinning after a call)
+            rt = open_runtime(bundle, idx, PROG, providers,
+                              threads if threads or audio is not None else 1)
             t1 = time.perf_counter()
             emb = rt.embed_text([query]) if audio is None else rt.embed_audio(audio)
             t2 = time.perf_counter()

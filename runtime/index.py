@@ -353,7 +353,11 @@ class Index:
                 "rerank_dtype": rerank_dtype or "none", "bundle_path": bundle_path,
                 "model_name": model_name})
             _fsync_dir(tmp)
-            os.rename(tmp, root)
+            try:
+                os.rename(tmp, root)
+            except OSError as e:  # created meanwhile by someone else
+                raise IndexFormatError(f"{root} already exists ({e.strerror}); open it with "
+                                       f"Index.open") from None
             _fsync_dir(root.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
