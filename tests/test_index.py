@@ -244,3 +244,20 @@ def test_info_and_verify(index):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert index.verify() == []
+
+
+def test_index_modules_import_on_a_device_install():
+    import subprocess
+
+    blocker = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'torch', 'transformers', 'onnx', 'safetensors'}:\n"
+        "            raise ImportError('blocked in a device install: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n")
+    modules = ["index", "index_errors", "segment", "catalog", "indexer", "cli_index",
+               "cli_search"]
+    code = blocker + "".join(f"import clapedge.runtime.{m}\n" for m in modules) + "print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
