@@ -250,3 +250,29 @@ def test_force_replaces(fp32_bundle, tiny_model_dir, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["towers"]["audio"]["precision"] == "fp16"
     assert Runtime(out).embed_audio((_clip(1.0, 3), 16000)).shape[0] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # nothing left aside
+
+
+def test_accuracy_search_keeps_sensitive_nodes_float(tiny_model_dir, tiny_corpus, tmp_path,
+                                                     monkeypatch):
+    """The search doubles the float set until the budget holds, and reports what it kept.
+    (The metric is stubbed: an untrained tiny model's task metrics are noise.)"""
+    import clapedge.export.pipeline as pipeline
+
+    def fake_metrics(self, model, audio, text, banks, work, name):
+        kept = 0 if name == "fp32" else int(name.split("-")[1])
+        return {"uar/sex": 0.9 if name == "fp32" or kept >= 2 else 0.8}
+
+    monkeypatch.setattr(pipeline._Exporter, "task_metrics", fake_metrics)
+    report = export_bundle(tiny_model_dir("default"), tmp_path / "b", ExportOptions(
+        precision="int8", calib=tiny_corpus, calib_clips=1, calib_lengths=(1.0,), min_k=16,
+        max_drop=0.005, banks="none"))
+    search = report.quantization["accuracy_search"]
+    assert [a["audio_nodes_kept_float"] for a in search["attempts"]] == [0, 1, 2]
+    assert len(search["kept_float"]) == 2
+    assert report.quantization["audio"]["kept_float"]["kept float by the accuracy search"] == 2
+    model = onnx.load(str(tmp_path / "b" / "audio.onnx"))
+    weights = {t.name for t in model.graph.initializer}
+    kept = [n for n in model.graph.node if n.name in search["kept_float"]]
+    assert len(kept) == 2
+    for node in kept:  # the GEMM runs on its float weight, not a dequantized int8 one
+        assert node.input[1] in weights
