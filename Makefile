@@ -36,7 +36,7 @@ test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 demo: $(STAMP) system-deps
-	@echo "make demo arrives with the default model (see README: What exists today)"; exit 1
+	./demo.sh
 
 bench: $(STAMP)
 	$(PY) -m clapedge.bench

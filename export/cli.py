@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -67,6 +68,7 @@ def main(model_dir, output, precision, calib, eval_data, calib_method, calib_len
     console = Console(stderr=True)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    quiet = contextlib.nullcontext() if verbose else _quiet()
     try:
         from clapedge.export.pipeline import ExportOptions, export_bundle
 
@@ -80,7 +82,7 @@ def main(model_dir, output, precision, calib, eval_data, calib_method, calib_len
             from clapedge.export.tensorrt import require_tensorrt
 
             require_tensorrt()
-        with console.status("exporting") as status:
+        with quiet, console.status("exporting") as status:
             def progress(message: str) -> None:
                 status.update(message)
                 console.log(message)
@@ -97,6 +99,26 @@ def main(model_dir, output, precision, calib, eval_data, calib_method, calib_len
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:
         _summary(console, report)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters we drive (torch.onnx, onnxscript, onnxruntime's quantizer and
+    transformer optimizer) print and log a lot that is expected on these graphs; -v shows it."""
+    import io
+    import warnings
+
+    loggers = [logging.getLogger(n) for n in ("", "torch", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _summary(console, report) -> None:

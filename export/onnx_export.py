@@ -54,8 +54,6 @@ def export_module(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
     dynamic_shapes = tuple({axis: dim(s) for axis, s in dynamic.get(n, {}).items()}
                            for n in input_names)
     buffer = io.StringIO()
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
-    logging.getLogger("onnxscript").setLevel(logging.WARNING)
     try:
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(buffer):
             warnings.simplefilter("ignore")

@@ -274,7 +274,7 @@ class _Exporter:
         return {"clapedge.role": role, "clapedge.model": cfg.name,
                 "sample_rate": str(cfg.sample_rate), "embed_dim": str(cfg.embed_dim),
                 "normalized": "l2", "pooling": tower.pooling, "backbone": tower.backbone,
-                "logit_scale": f"{float(model.get_logit_scale()):.6g}"}
+                "logit_scale": f"{float(model.get_logit_scale().detach()):.6g}"}
 
     # ------------------------------------------------------------------ INT8
 
@@ -377,7 +377,7 @@ class _Exporter:
                 bank=tagger_bank, k=k)
         o = self.opts
         manifest = mf.Manifest(
-            sample_rate=cfg.sample_rate, embed_dim=dim, logit_scale=float(model.get_logit_scale()),
+            sample_rate=cfg.sample_rate, embed_dim=dim, logit_scale=float(model.get_logit_scale().detach()),
             clip=mf.ClipPolicy(o.min_seconds, o.max_seconds, o.window_seconds, o.hop_seconds),
             towers=towers, model=mf.ModelInfo(name=cfg.name, source_sha256=mf.sha256_file(
                 self.model_dir / "model.safetensors"), info={"exporter": "clapedge"}),
