@@ -30,6 +30,11 @@ import clapedge
 from clapedge.kernels import (Gallery, _native, available_simd_levels, set_simd_level,
                               simd_level, topk)
 
+# faiss's OpenMP threads spin while they wait by default; on a machine shared with other jobs
+# that makes it several times slower (measured: 4-5x at Q=256 with one core taken), which
+# would flatter clapedge. Passive waiting costs it nothing measurable on an idle machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTION_BEGIN = "<!-- bench:topk:begin -->"
 SECTION_END = "<!-- bench:topk:end -->"
@@ -423,7 +428,8 @@ def section(rows: list[Row], machine: Machine, args) -> str:
         f"{args.budget:.0f} s in total). Floor = N x D values x bytes per value of the dtype "
         "(float32 4, fp16 2, int8 1) / the read bandwidth measured on that array. Recall@10 "
         "against exact float32 (numpy). `[avx512 vnni]`: the int8 scan forced to the AVX-512 "
-        "VNNI level (the default level here is AMX when the CPU has it).",
+        "VNNI level (the default level here is AMX when the CPU has it). "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} for faiss (see the bench source).",
         "",
         table(rows),
         "",
