@@ -8,7 +8,8 @@ through a pipe (an acknowledgement). The parent kills it with SIGKILL at a rando
 then opens the index and checks: it opens (the lock died with the child), no segment is
 damaged, every acknowledged add is present and every acknowledged removal gone, every batch
 is whole (no partial record is visible), each stored vector is the one that was added, and
-search finds them. The change in flight at the kill may or may not have happened, but only
+search finds them; a reader opened at the start and kept open through all the kills (and the
+compactions that delete the segments it maps) sees the same records. The change in flight at the kill may or may not have happened, but only
 as a whole. Children are forked from a preloaded server (multiprocessing "forkserver"), so
 an iteration costs milliseconds, not an interpreter start.
 
@@ -134,6 +135,7 @@ def run_crash_loop(root: str | Path, iterations: int, *, seed: int = 0,
 
     root = str(root)
     Index.create(root, "0" * 64, DIM, dtype=dtype).close()
+    watcher = Index.open(root, readonly=True)  # a reader that lives through all the kills
     ctx = _context()
     rng = random.Random(seed)
     stats = CrashStats()
@@ -151,9 +153,10 @@ def run_crash_loop(root: str | Path, iterations: int, *, seed: int = 0,
         # starts (opening the index, clearing a crashed writer's debris)
         if rng.random() < 0.9 and reader.poll(5.0):
             messages = [reader.recv_bytes()]
+            time.sleep(rng.random() * max_delay_s)
         else:
             messages = []
-        time.sleep(rng.random() * max_delay_s)
+            time.sleep(rng.random() * 0.01)
         child.kill()
         child.join()
         while True:
@@ -183,6 +186,12 @@ def run_crash_loop(root: str | Path, iterations: int, *, seed: int = 0,
         if not opened:
             stats.killed_before_open += 1
         present = check_index(root, live, removed, next_batch)
+        n_present = sum(present.values())
+        assert len(watcher.ids()) == n_present, "the reader's catalog view differs"
+        if n_present:  # its next search moves it to the latest commit
+            hits = watcher.search(batch_vectors(min(present), 1), k=n_present)[0]
+            assert len(hits) == n_present and len(watcher) == n_present, \
+                f"a long-lived reader sees {len(watcher)} records, {n_present} are live"
         if next_batch in present:
             live[next_batch] = present[next_batch]
             next_batch += 1
@@ -192,6 +201,7 @@ def run_crash_loop(root: str | Path, iterations: int, *, seed: int = 0,
             removed.add(batch)
             stats.in_flight_applied += 1
         stats.iterations += 1
+    watcher.close()
     stats.seconds = time.perf_counter() - t0
     return stats
 

@@ -525,14 +525,16 @@ class Index:
                 ids_parts.append(seg.ids if rows is None else seg.ids[rows])
                 vec_parts.append(seg.exact_vectors(rows))
             ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
-            order = np.argsort(ids, kind="stable")
-            ids = ids[order]
+            order = None if (np.diff(ids) > 0).all() else np.argsort(ids, kind="stable")
+            ids = ids if order is None else ids[order]
             old = [sid for sid, _ in view.segments]
             old_names = [seg.name for _, seg in view.segments]
             cat = self._catalog
             new_seg = None
             if len(ids):
-                vectors = np.concatenate(vec_parts)[order]
+                vectors = np.concatenate(vec_parts)
+                vectors = vectors if order is None else vectors[order]
+                del vec_parts
                 seq = cat.counter("next_segment")
                 new_seg = self._write_segment(_segment_name(seq), ids, vectors)
                 del vectors

@@ -151,7 +151,7 @@ class Segment:
         rerank = _rerank_copy(self.gallery)
         if rerank is not None:
             out = np.asarray(rerank if rows is None else rerank[rows])
-            return out.astype(np.float32)
+            return out.astype(np.float32, copy=False)  # float32: the mapped rows, no copy
         decoded = self.gallery.decode()
         return decoded if rows is None else decoded[rows]
 
