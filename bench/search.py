@@ -14,8 +14,10 @@ commits) and compacted into one segment; then it times
   metadata lookup (target <= 30 ms p50), its split, and with a path-prefix filter (an
   allow-list of 10 % of the records inside the kernel);
 - quality: top-10 through the int8 index vs exact brute force (float64) on random queries;
-- ingest: `Indexer.add` of generated 4 s clips with the bundle (clips/s and the share of the
-  time spent in storage).
+- ingest: `Indexer.add` with the bundle (clips/s and the share of the time spent in storage)
+  of the test split of the styled-speech corpus (``--corpus``, default data/corpus-default),
+  whose captions then query the index: top-10 identical to brute force over embeddings made
+  separately with ``Runtime.embed_audio``? (Generated 4 s clips when there is no corpus.)
 
 The bundle (text and audio towers): ``--bundle``, else ``models/default`` exported to fp32 if
 it exists, else the default architecture (all-MiniLM-L6-v2 text tower from its pip package,
@@ -239,6 +241,57 @@ def time_ingest(rt, work: Path, clips: int) -> Ingest:
     return Ingest(clips, rep.seconds_audio, rep.total_s, rep.store_s, rep.embed_s, rep.decode_s)
 
 
+@dataclass
+class CorpusQuality:
+    corpus: str
+    clips: int
+    queries: int
+    identical_top10: float
+    max_score_diff: float
+    r10_index: float
+    r10_brute: float
+    ingest: Ingest
+
+
+def corpus_quality(rt, corpus: Path, work: Path) -> CorpusQuality:
+    """Index the corpus's test split with `Indexer.add`, then search every clip's first
+    caption through the index and by brute force (float64) over embeddings computed
+    independently with `Runtime.embed_audio`: are the top-10 lists identical?"""
+    import json
+
+    from clapedge.runtime.indexer import Indexer, open_or_create
+
+    rows = [json.loads(line) for line in (corpus / "manifest.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["split"] == "test"]
+    paths = [str((corpus / r["path"]).resolve()) for r in rows]
+    path = work / "corpus-test.index"
+    shutil.rmtree(path, ignore_errors=True)
+    with open_or_create(path, rt) as idx:
+        rep = Indexer(idx, rt).add(paths)
+        assert rep.files_added == len(paths) and rep.records == len(paths), rep.failed
+        ingest = Ingest(len(paths), rep.seconds_audio, rep.total_s, rep.store_s, rep.embed_s,
+                        rep.decode_s)
+        audio = rt.embed_audio(paths).astype(np.float64)  # independent of the index
+        captions = [r["captions"][0] for r in rows]
+        text = rt.embed_text(captions)
+        hits = idx.search(text, 10)
+        by_id = idx.records(idx.ids())
+    scores = text.astype(np.float64) @ audio.T
+    same, diff, r10_i, r10_b = 0, 0.0, 0, 0
+    for qi, row in enumerate(hits):
+        got = [by_id[h.id].path for h in row]
+        order = np.argsort(-scores[qi], kind="stable")[:10]
+        want = [paths[i] for i in order]
+        same += got == want
+        diff = max(diff, float(np.max(np.abs(np.array([h.score for h in row])
+                                             - scores[qi][order]))))
+        r10_i += paths[qi] in got
+        r10_b += paths[qi] in want
+    n = len(rows)
+    shutil.rmtree(path, ignore_errors=True)
+    return CorpusQuality(str(corpus), n, n, same / n, diff, r10_i / n, r10_b / n, ingest)
+
+
 # --------------------------------------------------------------------------- report
 
 def machine_line() -> str:
@@ -260,7 +313,7 @@ def machine_line() -> str:
 
 
 def markdown(results: list[Result], ingest: Ingest, note: str, command: str, machine: str,
-             rt) -> str:
+             rt, quality: CorpusQuality | None) -> str:
     rows = []
     for r in results:
         q = " (synthetic query vector)" if r.synthetic_query else ""
@@ -275,7 +328,21 @@ def markdown(results: list[Result], ingest: Ingest, note: str, command: str, mac
             f"{p(r.filtered_ms, 50):.1f} ms | {100 * r.identical_top10:.0f} % "
             f"(recall {r.recall10:.3f}) | {100 * r.busy_before:.0f} % / "
             f"{100 * r.busy_after:.0f} % |")
+    if quality is not None:
+        ingest = quality.ingest
+        source = (f"the {quality.clips} clips of the test split of `{quality.corpus}` "
+                  f"(styled speech, {ingest.seconds:.0f} s)")
+    else:
+        source = f"{ingest.clips} generated 4 s wav clips"
     share = ingest.store_s / ingest.total_s
+    corpus_line = [] if quality is None else [
+        "",
+        f"Quality on the corpus test split: each clip's first caption as the query "
+        f"({quality.queries} queries), top-10 through the int8 index vs brute force in "
+        f"float64 over embeddings computed separately with `Runtime.embed_audio`: "
+        f"**{100 * quality.identical_top10:.1f} % identical** (max score difference "
+        f"{quality.max_score_diff:.1e}); text-to-audio R@10 {quality.r10_index:.3f} through "
+        f"the index, {quality.r10_brute:.3f} brute force (the bundle's model: see above)."]
     return "\n".join([
         SECTION_BEGIN,
         "## Index and search (`clapedge.runtime.index`, `clap-search`)",
@@ -304,12 +371,13 @@ def markdown(results: list[Result], ingest: Ingest, note: str, command: str, mac
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Ingest (`Indexer.add`, {ingest.clips} generated 4 s wav clips, this bundle's "
-        f"audio tower on CPU): {ingest.clips / ingest.total_s:.1f} clips/s "
+        f"Ingest (`Indexer.add` of {source}, this bundle's audio tower on CPU): "
+        f"{ingest.clips / ingest.total_s:.1f} clips/s "
         f"({ingest.seconds / ingest.total_s:.0f} s of audio per second); decode "
         f"{100 * ingest.decode_s / ingest.total_s:.0f} %, audio tower "
         f"{100 * ingest.embed_s / ingest.total_s:.0f} %, storage (segment + catalog commit, "
-        f"fsynced) {100 * share:.0f} % of the time.",
+        f"fsynced) {100 * share:.1f} % of the time.",
+        *corpus_line,
         SECTION_END,
     ]) + "\n"
 
@@ -338,6 +406,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="Work directory (bundle cache, indexes; indexes are deleted after).")
     ap.add_argument("--no-write", action="store_true", help="Do not update docs/benchmarks.md.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--corpus", type=Path, default=ROOT / "data" / "corpus-default",
+                    help="A styled-speech corpus (clap-corpus): its test split is indexed "
+                         "for the ingest figures and the top-10 identity check (skipped when "
+                         "absent; generated clips are indexed instead).")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="Before timing searches, wait up to this long for other jobs to "
                          "leave the cores idle.")
@@ -364,9 +436,16 @@ def main(argv: list[str] | None = None) -> None:
         results.append(r)
         print(f"D={dim}: open p50 {statistics.median(r.open_ms):.1f} ms, end to end p50 "
               f"{p(r.total_ms, 50):.1f} ms", flush=True)
-    ingest = time_ingest(Runtime(bundle), args.work, args.ingest_clips)
+    full = Runtime(bundle)
+    quality = None
+    if args.corpus is not None and (args.corpus / "manifest.jsonl").is_file():
+        print(f"corpus test split: {args.corpus}", flush=True)
+        quality = corpus_quality(full, args.corpus, args.work)
+        ingest = quality.ingest
+    else:
+        ingest = time_ingest(full, args.work, args.ingest_clips)
     command = " ".join([COMMAND] + (argv if argv is not None else sys.argv[1:]))
-    text = markdown(results, ingest, note, command, machine, rt)
+    text = markdown(results, ingest, note, command, machine, rt, quality)
     print(text)
     if not args.no_write:
         write_markdown(ROOT / "docs" / "benchmarks.md", text)
