@@ -258,7 +258,11 @@ class _WriterLock:
 
     def __init__(self, root: Path):
         self.path = root / LOCK_FILE
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise IndexReadOnlyError(f"cannot open {root} for writing ({e.strerror}): open it "
+                                     f"read-only (Index.open(path, readonly=True))") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
