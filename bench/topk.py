@@ -471,6 +471,7 @@ def plot(rows: list[Row], machine: Machine, args, path: Path) -> None:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # more lines than tab10 has colours
     for method in dict.fromkeys(r.method for r in rows):
         pts = sorted((r.q, r.median_ms) for r in rows if r.method == method)
         style = "-o" if method.startswith("clapedge") else "--s"
