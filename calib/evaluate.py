@@ -46,7 +46,7 @@ class EvalReport:
         """One number per task: the values ``--max-drop`` budgets compare."""
         out = {f"uar/{a}": m["uar"] for a, m in self.classification.items()}
         out.update({f"tau/{a}": t for a, t in self.ordinal.items()})
-        if "text_to_audio" in self.retrieval:
+        if "P@10" in self.retrieval.get("text_to_audio", {}):
             out["t2a/P@10"] = self.retrieval["text_to_audio"]["P@10"]
         return out
 
@@ -148,7 +148,8 @@ def evaluate(embedder: Embedder, corpus: str | Path, *, split: str = "test",
         idx = np.array([i for i, _ in captions])
         t2a = metrics.recall_at_k(cap @ audio.T, idx)
         a2t = metrics.recall_at_k(audio[idx] @ cap.T, np.arange(len(idx)))
-        report.retrieval["text_to_audio"].update({f"exact {k}": v for k, v in t2a.items()})
+        report.retrieval.setdefault("text_to_audio", {}).update(
+            {f"exact {k}": v for k, v in t2a.items()})
         report.retrieval["audio_to_text"] = {f"exact {k}": v for k, v in a2t.items()}
     return report
 
