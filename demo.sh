@@ -15,7 +15,9 @@ step "1/5 a held-out styled-speech set (espeak-ng; test sentences and voices uns
 $BIN/clap-corpus "$OUT/corpus" --size "$SIZE" --seed 7 --force
 
 step "2/5 clap-export $MODEL --int8 (calibrated on that set, accuracy checked on its test split)"
-$BIN/clap-export "$MODEL" -o "$OUT/default-int8" --int8 --calib "$OUT/corpus" --force
+# --max-drop 0.05: the demo's test split is small (tens of clips), so a task metric moves by
+# a few points when one clip flips; the default budget (0.005) is for real held-out sets.
+$BIN/clap-export "$MODEL" -o "$OUT/default-int8" --int8 --calib "$OUT/corpus" --max-drop 0.05 --force
 
 step "3/5 clap-tag: predicted vs true attributes on a few test clips"
 mapfile -t CLIPS < <($BIN/python -m clapedge.train.demo pick "$OUT/corpus" -n 6)

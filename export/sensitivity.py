@@ -27,8 +27,9 @@ def rank_nodes(fp32: Path, int8: Path, plan: QuantPlan, feeds: list[dict[str, np
     import onnxruntime as ort
 
     model = onnx.load(str(fp32), load_external_data=False)
+    quantized = set(plan.quantize) | set(plan.rowwise)
     gemms = {n.name: n.output[0] for n in model.graph.node
-             if n.name in plan.quantize and n.op_type in ("MatMul", "Gemm")}
+             if n.name in quantized and n.op_type in ("MatMul", "Gemm")}
     tensors = list(gemms.values())
     a_path, b_path = fp32.with_suffix(".probe.onnx"), int8.with_suffix(".probe.onnx")
     names = [t for t in _with_outputs(fp32, tensors, a_path) if t in set(_with_outputs(int8, tensors, b_path))]
