@@ -25,16 +25,23 @@ def machine_line() -> str:
             f"{platform.system()} {platform.machine()}; load average at start {load:.1f}")
 
 
+def replace_section(path: Path, block: str, begin: str, end: str) -> None:
+    """Writes ``block`` (which starts with ``begin`` and ends with ``end``) over the old block
+    between those markers in ``path``, or appends it; other sections are kept; atomic."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        new = head + block.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + block.rstrip("\n") + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
 def write_section(name: str, body: str, path: Path = BENCHMARKS) -> None:
     """Replaces (or appends) the section between ``<!-- bench:NAME:begin/end -->``."""
     begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
-    old = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}\n"
-    if begin in old and end in old:
-        head, rest = old.split(begin, 1)
-        old = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        old = old.rstrip("\n") + "\n\n" + block
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(old)
-    os.replace(tmp, path)
+    replace_section(path, f"{begin}\n{body.rstrip()}\n{end}\n", begin, end)

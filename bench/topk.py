@@ -451,15 +451,9 @@ def section(rows: list[Row], machine: Machine, args) -> str:
 
 
 def write_markdown(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_BEGIN in old and SECTION_END in old:
-        head, rest = old.split(SECTION_BEGIN, 1)
-        tail = rest.split(SECTION_END, 1)[1].lstrip("\n")
-        new = head + text + ("\n" + tail if tail else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    from clapedge.bench.report import replace_section
+
+    replace_section(path, text, SECTION_BEGIN, SECTION_END)
 
 
 def plot(rows: list[Row], machine: Machine, args, path: Path) -> None:
