@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from clapedge.bench.topk import busy_fraction, wait_until_idle
+from clapedge.runtime.manifest import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION_BEGIN = "<!-- bench:search:begin -->"
@@ -94,8 +95,12 @@ def synthetic(n: int, dim: int, seed: int, start: int = 0) -> np.ndarray:
 def get_bundle(args, work: Path) -> tuple[Path, str]:
     if args.bundle:
         return Path(args.bundle), f"given bundle {args.bundle}"
-    out = work / "bundle-default-fp32"
     trained = ROOT / "models" / "default"
+    # The cache is keyed by the weights, so a retrained (or newly trained) models/default is
+    # exported again instead of reusing an older bundle.
+    weights = trained / "model.safetensors"
+    key = sha256_file(weights)[:12] if weights.is_file() else "untrained"
+    out = work / f"bundle-default-{key}-fp32"
     if (out / "manifest.json").exists():
         note = (out / "NOTE").read_text().strip() if (out / "NOTE").exists() else "cached"
         return out, note
