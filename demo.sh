@@ -3,8 +3,11 @@
 # Every step is a CLI a user would run; outputs land in build/demo/. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")"
-BIN=.venv/bin
-OUT=build/demo
+# Knobs (the defaults are what `make demo` runs; tests/test_demo_smoke.py sets them):
+#   BIN    where the clap-* commands and python live   MODEL  the model directory to export
+#   OUT    the output directory                          SIZE   clap-corpus --size (tiny: CI)
+BIN=${BIN:-.venv/bin}
+OUT=${OUT:-build/demo}
 MODEL=${MODEL:-models/default}
 SIZE=${SIZE:-small}
 mkdir -p "$OUT"

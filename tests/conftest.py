@@ -68,3 +68,23 @@ def tiny_model_dir(tmp_path_factory):
         return made[preset]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tiny_model_dir, tmp_path_factory):
+    """``demo.sh`` run once on the tiny corpus with the tiny default model (about 40 s):
+    (output directory, combined stdout/stderr, exit status). Used by the demo smoke test and
+    by the quick-start test (its INT8 bundle, corpus and index)."""
+    import os
+    import subprocess
+    import sys
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed: apt-get install espeak-ng (or make system-deps)")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("demo") / "out"
+    env = dict(os.environ, BIN=str(Path(sys.executable).parent), OUT=str(out),
+               MODEL=str(tiny_model_dir("default")), SIZE="tiny", NO_COLOR="1")
+    done = subprocess.run(["bash", str(root / "demo.sh")], env=env, cwd=root, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    return out, done.stdout, done.returncode
