@@ -385,6 +385,7 @@ class _Exporter:
             default_bank=tagger_bank if tagger_bank in bank_specs else (next(iter(bank_specs), None)),
             calibration=self.report.quantization.get("calibration", {}),
             quality=self.report.quality)
+        manifest = manifest.with_sizes(folder)
         mf.write_manifest(folder / mf.MANIFEST_NAME, manifest)
         return manifest
 

@@ -147,4 +147,4 @@ def build_engines(bundle: Path) -> None:
                            profiles=(ranges,), precision=audio.precision)
     manifest.engines = manifest.engines + (engine,)
     del sr
-    mf.write_manifest(bundle / mf.MANIFEST_NAME, manifest)
+    mf.write_manifest(bundle / mf.MANIFEST_NAME, manifest.with_sizes(bundle))

@@ -7,7 +7,12 @@ device that only tags never pays for the text tower). Every file is checked when
 - its path must stay inside the bundle (no absolute paths, no ``..``, no symlink pointing
   outside), and so must every ONNX external-data location the model references, each of
   which must also be listed in the tower's ``external_data`` with its sha256;
-- its sha256 must match the manifest (``BundleError`` names the file, expected and actual).
+- its size must match the manifest where the manifest records one (format 1.1), checked
+  before the file is read; files read whole (tokenizer, banks) are bounded even without;
+- its sha256 must match the manifest (``BundleError`` names the file, expected and actual);
+- a tower must be a well-formed ONNX protobuf of at most 2 GiB whose external data lies
+  within its files and whose sparse tensors densify to at most 64 MiB
+  (``onnx_external.scan_model``; docs/reliability.md lists what is refused and how fast).
 
 A tower is memory-mapped once for its checksum and its external-data check, and ONNX Runtime
 creates the session from the same path while the hash runs beside it. The checksums catch
@@ -49,10 +54,19 @@ from clapedge.errors import BundleError
 from clapedge.runtime import providers as prov
 from clapedge.runtime.checksums import VerifiedFiles, mapped
 from clapedge.runtime.manifest import MANIFEST_NAME, Manifest, TowerSpec, read_manifest
-from clapedge.runtime.onnx_external import OnnxParseError, external_data_locations
+from clapedge.runtime.onnx_external import OnnxParseError, scan_model
 from clapedge.runtime.tokenizer import TextTokenizer
 
 log = logging.getLogger("clapedge.runtime")
+
+# protobuf cannot parse a message over 2 GiB; onnxruntime refuses such a model anyway.
+MAX_MODEL_BYTES = (2 << 30) - 1
+# onnxruntime densifies sparse tensors at load: a few bytes of file can declare gigabytes.
+MAX_SPARSE_DENSE_BYTES = 64 << 20
+# Files read whole into memory, when the manifest (format 1.0) records no size: a tokenizer
+# file is a few MB; a bank is n_labels x embed_dim floats plus a header.
+MAX_TOKENIZER_BYTES = 256 << 20
+_NPY_SLACK = 1 << 16
 
 _state = ort.capi.onnxruntime_pybind11_state
 _ORT_LOAD_ERRORS = (_state.Fail, _state.InvalidGraph, _state.InvalidArgument, _state.NoSuchFile,
@@ -169,6 +183,8 @@ class Bundle:
         """The path of ``rel`` (relative to ``base``, default the bundle root), refused when
         it is absolute, uses ``..`` or resolves (through symlinks) outside the bundle."""
         base = self.root if base is None else base
+        if "\0" in rel:
+            raise BundleError(f"{self.root}: {what} path {rel!r} contains a NUL character")
         if not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")) \
                 or PurePosixPath(rel).is_absolute() or (len(rel) > 1 and rel[1] == ":"):
             raise BundleError(f"{self.root}: {what} path {rel!r} is absolute; bundle files "
@@ -183,14 +199,30 @@ class Bundle:
                               f"{root_real} (a symlink pointing out of the bundle?)")
         return full
 
-    def _read(self, rel: str, what: str) -> tuple[Path, bytes]:
+    def _read(self, rel: str, what: str, size: int | None, limit: int) -> tuple[Path, bytes]:
+        """Read a small bundle file whole: its declared ``size`` (when the manifest has one)
+        or else ``limit`` bounds what is read."""
         path = self.resolve(rel, what=what)
         try:
-            return path, path.read_bytes()
+            with open(path, "rb") as f:
+                actual = os.fstat(f.fileno()).st_size
+                self._check_size(path, what, actual, size)
+                if actual > limit:
+                    raise BundleError(f"{path}: {what} has {actual} bytes, more than a "
+                                      f"{what} can need ({limit}); the bundle is corrupt")
+                return path, f.read(limit + 1)
         except FileNotFoundError:
             raise BundleError(f"{path}: {what} named in the manifest is missing") from None
+        except IsADirectoryError:
+            raise BundleError(f"{path}: {what} is a directory, not a file") from None
         except OSError as e:
-            raise BundleError(f"{path}: cannot read {what} ({e.strerror})") from None
+            raise BundleError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+
+    @staticmethod
+    def _check_size(path: Path, what: str, actual: int, declared: int | None) -> None:
+        if declared is not None and actual != declared:
+            raise BundleError(f"{path}: {what} has {actual} bytes but the manifest says "
+                              f"{declared}; the file was truncated, extended or replaced")
 
     @staticmethod
     def _verify(path: Path, actual: str, expected: str) -> None:
@@ -198,9 +230,11 @@ class Bundle:
             raise BundleError(f"{path}: checksum mismatch (expected sha256 {expected}, got "
                               f"{actual}); the bundle is corrupt or was modified")
 
-    def read_verified(self, rel: str, sha256: str, what: str = "file") -> tuple[Path, bytes]:
-        """Read a bundle file and check its sha256 against the manifest."""
-        path, data = self._read(rel, what)
+    def read_verified(self, rel: str, sha256: str, what: str = "file", size: int | None = None,
+                      limit: int = MAX_TOKENIZER_BYTES) -> tuple[Path, bytes]:
+        """Read a bundle file (at most ``limit`` bytes) and check its size and sha256
+        against the manifest."""
+        path, data = self._read(rel, what, size, limit)
         self._verify(path, hashlib.sha256(data).hexdigest(), sha256)
         return path, data
 
@@ -228,11 +262,19 @@ class Bundle:
             return self._towers[role]
 
     @contextlib.contextmanager
-    def _mapped(self, path: Path, what: str):
+    def _mapped(self, path: Path, what: str, size: int | None = None,
+                limit: int | None = None):
         """``checksums.mapped`` with open errors turned into ``BundleError`` (errors raised
-        by the body pass through untouched)."""
+        by the body pass through untouched), after checking the declared ``size`` and the
+        ``limit``."""
         opened = mapped(path)
         try:
+            actual = os.stat(path).st_size
+            self._check_size(path, what, actual, size)
+            if limit is not None and actual > limit:
+                raise BundleError(f"{path}: {what} has {actual} bytes; an ONNX model file holds "
+                                  f"at most {limit} (protobuf's limit; larger models keep "
+                                  f"their weights in external data)")
             buf = opened.__enter__()
         except FileNotFoundError:
             raise BundleError(f"{path}: {what} named in the manifest is missing") from None
@@ -245,12 +287,12 @@ class Bundle:
         finally:
             opened.__exit__(None, None, None)
 
-    def _verify_file(self, rel: str, sha256: str, what: str) -> Path:
-        """Check a possibly large file's sha256 without reading it into memory."""
+    def _verify_file(self, rel: str, sha256: str, what: str, size: int | None = None) -> Path:
+        """Check a possibly large file's size and sha256 without reading it into memory."""
         path = self.resolve(rel, what=what)
         known, identity = self._verified.check(path, sha256)
         if not known:
-            with self._mapped(path, what) as buf:
+            with self._mapped(path, what, size) as buf:
                 actual = hashlib.sha256(buf).hexdigest()
             self._verify(path, actual, sha256)
             self._verified.remember(path, identity, actual)
@@ -259,7 +301,7 @@ class Bundle:
     def _open_tower(self, role: str, spec: TowerSpec) -> Tower:
         what = f"{role} tower"
         path = self.resolve(spec.file, what=what)
-        with self._mapped(path, what) as buf:
+        with self._mapped(path, what, spec.size, MAX_MODEL_BYTES) as buf:
             known, identity = self._verified.check(path, spec.sha256)
             # Hashing a large tower costs about as much as creating its session, so the two
             # run side by side (hashlib releases the GIL); a mismatch still wins over
@@ -297,7 +339,7 @@ class Bundle:
 
     def _create_session(self, role: str, spec: TowerSpec, path: Path,
                         data) -> ort.InferenceSession:
-        has_external = self._check_external_data(path, data, spec)
+        has_external = self._check_model(path, data, spec)
         so = prov.session_options(self.threads)
         providers = [(name, prov.provider_options(name, precision=spec.precision,
                                                   cache_dir=self.cache_dir))
@@ -333,30 +375,48 @@ class Bundle:
             tmp.unlink(missing_ok=True)
         return session
 
-    def _check_external_data(self, path: Path, data, spec: TowerSpec) -> bool:
-        """Refuse external-data locations that escape the bundle or are not in the manifest;
-        verify the checksums of those that are. Returns whether the model has any."""
+    def _check_model(self, path: Path, data, spec: TowerSpec) -> bool:
+        """Refuse what would make ONNX Runtime read outside the bundle or allocate far more
+        than the file holds: external-data references that escape the bundle, are not in
+        the manifest (whose checksums are then verified) or run past the end of their file,
+        and sparse tensors whose dense form exceeds ``MAX_SPARSE_DENSE_BYTES``. Returns
+        whether the model has external data."""
         try:
-            locations = external_data_locations(data)
+            scan = scan_model(data)
         except OnnxParseError as e:
             raise BundleError(f"{path}: not a valid ONNX model ({e})") from None
-        if not locations:
+        for sparse in scan.sparse:
+            if sparse.dense_bytes > MAX_SPARSE_DENSE_BYTES:
+                raise BundleError(
+                    f"{path}: sparse tensor {sparse.tensor!r} of shape {list(sparse.dims)[:8]} "
+                    f"would take {sparse.dense_bytes} bytes once densified by onnxruntime "
+                    f"(limit {MAX_SPARSE_DENSE_BYTES}); refusing the model")
+        if not scan.external:
             return False
         listed = {os.path.normpath(x.file): x for x in spec.external_data}
         model_dir_rel = PurePosixPath(spec.file).parent
-        checked = set()
-        for location in locations:
-            if not location:
-                raise BundleError(f"{path}: a tensor is marked as external data but names no "
-                                  f"location")
-            self.resolve(location, base=path.parent, what="external data")
-            rel = os.path.normpath(str(model_dir_rel / location))
+        checked: dict[str, int] = {}
+        for ref in scan.external:
+            if not ref.location:
+                raise BundleError(f"{path}: tensor {ref.tensor!r} is marked as external data "
+                                  f"but names no location")
+            full = self.resolve(ref.location, base=path.parent, what="external data")
+            rel = os.path.normpath(str(model_dir_rel / ref.location))
             if rel not in listed:
-                raise BundleError(f"{path}: external data file {location!r} is not listed in "
-                                  f"the manifest's external_data for this tower")
+                raise BundleError(f"{path}: external data file {ref.location!r} is not listed "
+                                  f"in the manifest's external_data for this tower")
             if rel not in checked:
-                self._verify_file(listed[rel].file, listed[rel].sha256, what="external data")
-                checked.add(rel)
+                entry = listed[rel]
+                self._verify_file(entry.file, entry.sha256, "external data", entry.size)
+                checked[rel] = full.stat().st_size
+            size, offset = checked[rel], ref.offset or 0
+            end = offset + (ref.length if ref.length is not None else 0)
+            if offset > size or end > size:
+                span = f"offset {offset}" + (f" + length {ref.length}"
+                                             if ref.length is not None else "")
+                raise BundleError(f"{full}: external data of tensor {ref.tensor!r} at {span} "
+                                  f"runs past the end of the file ({size} bytes); the model "
+                                  f"or its data file is corrupt")
         return True
 
     # -- banks and tokenizer
@@ -372,7 +432,9 @@ class Bundle:
                               f"{sorted(self.manifest.banks)}")
         with self._lock:
             if name not in self._banks:
-                path, data = self.read_verified(spec.file, spec.sha256, what=f"bank {name!r}")
+                limit = len(spec.labels) * self.manifest.embed_dim * 8 + _NPY_SLACK
+                path, data = self.read_verified(spec.file, spec.sha256, f"bank {name!r}",
+                                                spec.size, limit)
                 self._banks[name] = self._parse_bank(path, data, len(spec.labels))
             return self._banks[name]
 
@@ -401,7 +463,8 @@ class Bundle:
                 raise BundleError(f"{self.root}: the bundle has no tokenizer")
             with self._lock:
                 if self._tokenizer is None:
-                    path, data = self.read_verified(spec.file, spec.sha256, what="tokenizer")
+                    path, data = self.read_verified(spec.file, spec.sha256, "tokenizer",
+                                                    spec.size)
                     self._tokenizer = TextTokenizer(data, spec, str(path))
         return self._tokenizer
 

@@ -10,8 +10,9 @@ A bundle is a directory with ``manifest.json`` beside the files it names::
     BUNDLE/banks/<name>.npy banks[name]    (float32 [n_labels, embed_dim], rows L2-normalised)
     BUNDLE/*.plan           engines        (TensorRT; valid only for the recorded TRT + GPU)
 
-Every file is named by a relative POSIX path inside the bundle and carries its sha256; the
-runtime verifies each file when it opens it.
+Every file is named by a relative POSIX path inside the bundle and carries its sha256 and
+(format 1.1) its size in bytes; the runtime verifies each file when it opens it, the size
+first, so a truncated, extended or replaced file is refused before it is read.
 
 Tower I/O naming convention (the exporter writes these names, the runtime feeds and reads
 them; ``batch``, ``samples`` and ``tokens`` are named dynamic dimensions)::
@@ -41,7 +42,8 @@ manifest where present.
 fp16 and int8 towers keep float32 inputs and outputs (the runtime casts to whatever dtype
 a tower declares, so a float16 input also works, but float32 I/O is the convention).
 
-Versioning: ``format_version`` is ``"MAJOR.MINOR"``. The runtime refuses another major
+Versioning: ``format_version`` is ``"MAJOR.MINOR"`` (1.1 added the optional ``size`` of
+every file; 1.0 bundles, without sizes, still load). The runtime refuses another major
 version. A newer minor version may add fields: unknown keys are then ignored; with the same
 or an older minor version an unknown key is an error (it is a typo or a corrupt file).
 
@@ -64,8 +66,10 @@ from typing import Any, Callable, Mapping
 
 from clapedge.errors import BundleError, ConfigError
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 MANIFEST_NAME = "manifest.json"
+# A manifest is a few KB (prompt lists make it a few hundred); refuse absurd ones unread.
+MAX_MANIFEST_BYTES = 64 << 20
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
@@ -106,6 +110,12 @@ def _check_relpath(field_name: str, value: str) -> None:
 def _check_sha(field_name: str, value: str) -> None:
     if not isinstance(value, str) or not _SHA256.match(value):
         _fail(field_name, f"{value!r} is not a sha256 (64 lowercase hex digits)")
+
+
+def _check_size(value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 0):
+        _fail("size", f"{value!r} must be a byte count (an integer >= 0)")
 
 
 def _check_positive(field_name: str, value: float) -> None:
@@ -156,14 +166,18 @@ class TensorSpec:
 
 @dataclass
 class FileRef:
-    """A file of the bundle with its checksum (used for ONNX external-data files)."""
+    """A file of the bundle with its checksum and size (used for ONNX external-data
+    files). ``size`` (bytes; format 1.1, optional) lets the runtime refuse a truncated,
+    extended or replaced file before reading it."""
 
     file: str
     sha256: str
+    size: int | None = None
 
     def __post_init__(self):
         _check_relpath("file", self.file)
         _check_sha("sha256", self.sha256)
+        _check_size(self.size)
 
 
 @dataclass
@@ -185,6 +199,7 @@ class TowerSpec:
     external_data: tuple[FileRef, ...] = ()
     bank: str | None = None
     k: int | None = None
+    size: int | None = None
 
     def __post_init__(self):
         self.inputs, self.outputs = tuple(self.inputs), tuple(self.outputs)
@@ -192,6 +207,7 @@ class TowerSpec:
         self.heads = {name: tuple(labels) for name, labels in self.heads.items()}
         _check_relpath("file", self.file)
         _check_sha("sha256", self.sha256)
+        _check_size(self.size)
         if self.precision not in PRECISIONS:
             _fail("precision", f"{self.precision!r} not one of {'|'.join(PRECISIONS)}")
         for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
@@ -272,10 +288,12 @@ class TokenizerSpec:
     sha256: str
     max_length: int
     pad_id: int = 0
+    size: int | None = None
 
     def __post_init__(self):
         _check_relpath("file", self.file)
         _check_sha("sha256", self.sha256)
+        _check_size(self.size)
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) \
                 or self.max_length <= 0:
             _fail("max_length", f"{self.max_length!r} must be a positive integer")
@@ -301,6 +319,7 @@ class LabelBank:
     thresholds: dict[str, float] | None = None
     kind: str = "categorical"
     values: dict[str, float] | None = None
+    size: int | None = None
 
     def __post_init__(self):
         self.labels = tuple(self.labels)
@@ -308,6 +327,7 @@ class LabelBank:
         _check_labels("labels", self.labels)
         _check_relpath("file", self.file)
         _check_sha("sha256", self.sha256)
+        _check_size(self.size)
         if self.prompts:
             _check_per_label("prompts", self.prompts, self.labels)
         if not isinstance(self.multi_label, bool):
@@ -358,11 +378,13 @@ class EngineSpec:
     gpu: str
     profiles: tuple[dict[str, ShapeRange], ...] = ()
     precision: str = "fp16"
+    size: int | None = None
 
     def __post_init__(self):
         self.profiles = tuple(self.profiles)
         _check_relpath("file", self.file)
         _check_sha("sha256", self.sha256)
+        _check_size(self.size)
         if self.tower not in TOWER_ROLES:
             _fail("tower", f"{self.tower!r} not one of {'|'.join(TOWER_ROLES)}")
         if self.precision not in PRECISIONS:
@@ -461,6 +483,25 @@ class Manifest:
 
     # -- helpers for the exporter and the loader
 
+    def with_sizes(self, root: str | os.PathLike) -> "Manifest":
+        """A copy with the ``size`` of every file it names set from the files in ``root``
+        (the exporter calls this just before ``write_manifest``)."""
+        root = Path(root)
+
+        def sized(spec):
+            return dataclasses.replace(spec, size=os.stat(root / spec.file).st_size)
+
+        m = dataclasses.replace(self, format_version=FORMAT_VERSION)  # sizes are 1.1
+        towers = {}
+        for role, tower in self.towers.items():
+            towers[role] = dataclasses.replace(
+                sized(tower), external_data=tuple(sized(x) for x in tower.external_data))
+        m.towers = Towers(**towers)
+        m.tokenizer = None if self.tokenizer is None else sized(self.tokenizer)
+        m.banks = {name: sized(bank) for name, bank in self.banks.items()}
+        m.engines = tuple(sized(e) for e in self.engines)
+        return m
+
     def files(self) -> list[tuple[str, str]]:
         """Every (file, sha256) the manifest names, in a stable order."""
         out = []
@@ -498,6 +539,8 @@ class Manifest:
             data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
             raise BundleError(f"{source}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise BundleError(f"{source}: not a manifest (JSON nested too deeply)") from None
         return cls.from_dict(data, source)
 
 
@@ -648,7 +691,8 @@ class _Reader:
 
     def fileref(self, v, path):
         return self.obj(v, path, FileRef, {"file": (self.s, _MISSING),
-                                           "sha256": (self.s, _MISSING)})
+                                           "sha256": (self.s, _MISSING),
+                                           "size": (self.i, None)})
 
     def tower(self, v, path):
         return self.obj(v, path, TowerSpec, {
@@ -658,7 +702,7 @@ class _Reader:
             "outputs": (self.list_of(self.tensor), _MISSING),
             "heads": (self.dict_of(self.list_of(self.s)), None),
             "external_data": (self.list_of(self.fileref), None),
-            "bank": (self.s, None), "k": (self.i, None)})
+            "bank": (self.s, None), "k": (self.i, None), "size": (self.i, None)})
 
     def towers(self, v, path):
         return self.obj(v, path, Towers, {"audio": (self.tower, _MISSING),
@@ -674,7 +718,8 @@ class _Reader:
     def tokenizer(self, v, path):
         return self.obj(v, path, TokenizerSpec, {
             "file": (self.s, _MISSING), "sha256": (self.s, _MISSING),
-            "max_length": (self.i, _MISSING), "pad_id": (self.i, None)})
+            "max_length": (self.i, _MISSING), "pad_id": (self.i, None),
+            "size": (self.i, None)})
 
     def bank(self, v, path):
         return self.obj(v, path, LabelBank, {
@@ -682,7 +727,8 @@ class _Reader:
             "sha256": (self.s, _MISSING),
             "prompts": (self.dict_of(self.list_of(self.s)), None),
             "multi_label": (self.b, None), "thresholds": (self.dict_of(self.f), None),
-            "kind": (self.s, None), "values": (self.dict_of(self.f), None)})
+            "kind": (self.s, None), "values": (self.dict_of(self.f), None),
+            "size": (self.i, None)})
 
     def shape_range(self, v, path):
         ints = self.list_of(self.i)
@@ -695,7 +741,7 @@ class _Reader:
             "tower": (self.s, _MISSING), "trt_version": (self.s, _MISSING),
             "gpu": (self.s, _MISSING),
             "profiles": (self.list_of(self.dict_of(self.shape_range)), None),
-            "precision": (self.s, None)})
+            "precision": (self.s, None), "size": (self.i, None)})
 
     def model(self, v, path):
         return self.obj(v, path, ModelInfo, {"name": (self.s, _MISSING),
@@ -730,16 +776,28 @@ def _manifest_path(path: str | os.PathLike) -> Path:
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
-    """Read ``manifest.json`` (a bundle directory or the file itself)."""
+    """Read ``manifest.json`` (a bundle directory or the file itself); one larger than
+    ``MAX_MANIFEST_BYTES`` is refused unread."""
     p = _manifest_path(path)
     try:
-        text = p.read_bytes()
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            text = f.read(MAX_MANIFEST_BYTES + 1) if size <= MAX_MANIFEST_BYTES else b""
+        if size > MAX_MANIFEST_BYTES or len(text) > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{p}: too large for a manifest (over {MAX_MANIFEST_BYTES} "
+                              f"bytes); is it a manifest?")
     except FileNotFoundError:
         raise BundleError(f"{p}: no manifest here; is this a clapedge bundle directory?") \
             from None
     except OSError as e:
         raise BundleError(f"{p}: cannot read the manifest ({e.strerror})") from None
     return Manifest.from_json(text, source=str(p))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_manifest(path: str | os.PathLike, manifest: Manifest) -> Path:
@@ -751,6 +809,7 @@ def write_manifest(path: str | os.PathLike, manifest: Manifest) -> Path:
     text = manifest.to_json()
     fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=p.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: other users could not load
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -3,6 +3,12 @@
 Truncation to the manifest's ``max_length`` is enabled here; padding is done by
 ``pad_batch`` with the manifest's ``pad_id``, so the padding the tokenizer file may carry
 is ignored (the runtime batches only texts of equal length anyway, see ``api.Runtime``).
+
+Input texts: any Unicode, control characters included; a string that is not valid Unicode
+(a lone surrogate, e.g. from ``surrogateescape`` decoding) and a text longer than
+``MAX_TEXT_CHARS`` raise ``ConfigError`` naming the text. The tokenizer splits the whole
+text before it truncates, in time and memory linear in its length (12 M characters:
+about 17 s and 1.5 GB here), hence the limit; a description is a few hundred characters.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 import numpy as np
 from tokenizers import Tokenizer
 
-from clapedge.errors import BundleError
+from clapedge.errors import BundleError, ConfigError
 from clapedge.runtime.manifest import TokenizerSpec
+
+MAX_TEXT_CHARS = 100_000
 
 
 class TextTokenizer:
@@ -26,6 +34,16 @@ class TextTokenizer:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text (special tokens added, truncated to ``max_length``)."""
+        for i, text in enumerate(texts):
+            if len(text) > MAX_TEXT_CHARS:
+                raise ConfigError(f"text {i} has {len(text)} characters; at most "
+                                  f"{MAX_TEXT_CHARS} are accepted (only the first "
+                                  f"{self.spec.max_length} tokens are used anyway)")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ConfigError(f"text {i} is not valid Unicode ({e.reason} at character "
+                                  f"{e.start}: {text[e.start:e.end]!r})") from None
         return [e.ids for e in self._tok.encode_batch(texts)]
 
     def pad_batch(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
