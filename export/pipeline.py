@@ -11,10 +11,13 @@ directory renamed into place only when complete.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -398,8 +401,13 @@ class _Exporter:
             tok, _ = _tokenizer(model, self.model_dir)
             pad_id = _pad_id(model)
         parent = self.out_dir.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=parent))
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            clear_stale(self.out_dir)
+            tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(self.out_dir) + f"{os.getpid()}-",
+                                        dir=parent))
+        except OSError as e:
+            raise ExportError(_os_error_message(e, self.out_dir)) from None
         try:
             work = tmp / "work"
             work.mkdir()
@@ -440,6 +448,8 @@ class _Exporter:
                     json.dumps(self.report.to_dict(), indent=2, sort_keys=True) + "\n")
                 _fsync_tree(staged)
                 _replace_dir(staged, self.out_dir, force=opts.force)
+        except OSError as e:  # disk full, quota, permissions: a message, never a traceback
+            raise ExportError(_os_error_message(e, self.out_dir)) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.report
@@ -622,17 +632,97 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+def _partial_prefix(target: Path) -> str:
+    return f".{target.name}.partial-"
+
+
+def _aside_prefix(target: Path) -> str:
+    return f".{target.name}.old-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clear_stale(target: Path) -> list[Path]:
+    """Delete what an export to ``target`` killed mid-way left beside it: its temporary
+    directory ``.NAME.partial-PID-*`` and an old bundle moved aside ``.NAME.old-PID``
+    (restored to ``target`` when the kill came between the two renames of a replace
+    without an atomic exchange), for PIDs no longer running. Returns what was removed."""
+    parent = target.parent
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for entry in sorted(parent.iterdir()):
+        for prefix in (_partial_prefix(target), _aside_prefix(target)):
+            if not entry.name.startswith(prefix):
+                continue
+            pid = entry.name[len(prefix):].split("-", 1)[0]
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            if prefix == _aside_prefix(target) and not target.exists() and entry.is_dir():
+                log.warning("restoring %s from %s (an export replacing it was killed)",
+                            target, entry)
+                os.rename(entry, target)
+                continue
+            log.info("removing %s (left by a killed export, pid %s)", entry, pid)
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _os_error_message(e: OSError, target: Path) -> str:
+    where = e.filename if e.filename is not None else target
+    reason = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "no space left on device (or quota exceeded); free some space and run again"
+    return f"{target}: export failed ({where}: {reason}); {target} was not changed"
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _replace_dir(staged: Path, target: Path, *, force: bool) -> None:
+    """Renames ``staged`` to ``target``. An existing target is replaced only with force:
+    swapped with ``staged`` in one atomic exchange where the system can (the old bundle
+    then sits in the temporary directory, deleted with it), else moved aside first
+    (``clear_stale`` restores it if a kill comes between the two renames). A kill at any
+    point leaves the old or the new bundle at ``target``, never a mix."""
     os.chmod(staged, 0o755)
-    """Renames ``staged`` to ``target``; an existing target is replaced only with force, and
-    is moved aside first so a crash leaves either the old or the new bundle, never a mix."""
     if target.exists():
         if not force:
             raise ExportError(f"{target} already exists; pass --force to replace it")
-        aside = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.rename(target, aside)
-        os.rename(staged, target)
-        shutil.rmtree(aside, ignore_errors=True)
+        if not _exchange(staged, target):
+            aside = target.parent / f"{_aside_prefix(target)}{os.getpid()}"
+            os.rename(target, aside)
+            os.rename(staged, target)
+            shutil.rmtree(aside, ignore_errors=True)
     else:
         os.rename(staged, target)
     fd = os.open(target.parent, os.O_RDONLY)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from clapedge.runtime.index_errors import IndexFormatError
+
+log = logging.getLogger("clapedge.runtime")
 
 CATALOG_FILE = "catalog.sqlite"
 FORMAT = "clapedge.index"
@@ -149,7 +152,15 @@ class Catalog:
             self.set_meta("generation", generation)
             self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (SQLITE_FULL on commit does): a second
+            # ROLLBACK would fail and hide the error that matters
+            if self.conn.in_transaction:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error as e:
+                    log.warning("%s: rollback failed: %s", self.path, e)
+            with contextlib.suppress(sqlite3.Error):
+                self._meta = self._read_meta()  # set_meta ran ahead of the rolled-back change
             raise
         self._meta["generation"] = str(generation)
 

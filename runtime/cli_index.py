@@ -158,7 +158,10 @@ def add(index: str, paths: tuple[str, ...], bundle: str | None, window_s: float 
                 fail(PROG, str(e))
         compacted = None
         if len(idx.info().segments) > compact_above and idx.writable:
-            compacted = idx.compact()
+            try:
+                compacted = idx.compact()
+            except ClapEdgeError as e:
+                fail(PROG, f"files added, but {e}")
     summary = report.to_dict()
     summary["compacted"] = compacted is not None
     if as_json:

@@ -32,6 +32,8 @@ files (``indexer.reembedder``) or drops them.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -39,6 +41,7 @@ import logging
 import math
 import os
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -55,7 +58,7 @@ from clapedge.runtime.checksums import VerifiedFiles
 from clapedge.runtime.index_errors import (ClapIndexError, IndexBundleMismatchError,
                                            IndexCorruptError, IndexDamagedWarning,
                                            IndexFormatError, IndexLockedError,
-                                           IndexReadOnlyError)
+                                           IndexReadOnlyError, IndexWriteError)
 from clapedge.runtime.manifest import Manifest
 from clapedge.runtime.segment import TMP_PREFIX, Segment, open_segment, write_segment
 
@@ -71,7 +74,8 @@ _RETRIES = 4
 __all__ = [
     "ClapIndexError", "Filter", "Index", "IndexBundleMismatchError", "IndexCorruptError",
     "IndexDamagedWarning", "IndexFormatError", "IndexInfo", "IndexLockedError",
-    "IndexReadOnlyError", "RepairReport", "SearchHit", "bundle_fingerprint",
+    "IndexReadOnlyError", "IndexWriteError", "RepairReport", "SearchHit",
+    "bundle_fingerprint",
 ]
 
 
@@ -274,9 +278,12 @@ class _WriterLock:
                 f"{root} is open for writing by another writer ({holder}); an index has one "
                 f"writer at a time: wait for it to finish or close it (searching works "
                 f"meanwhile, e.g. Index.open(path, readonly=True))") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                  .encode(), 0)
+        try:  # who holds it, for the message of a refused writer; a full disk only loses that
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                      .encode(), 0)
+        except OSError as e:
+            log.warning("cannot write the writer's pid into %s: %s", self.path, e)
         self.fd: int | None = fd
 
     def release(self) -> None:
@@ -347,9 +354,12 @@ class Index:
             kind = "an index" if (root / CATALOG_FILE).exists() else "a non-empty path"
             raise IndexFormatError(f"{root} already exists ({kind}); open it with Index.open "
                                    f"or choose a new path")
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = root.parent / f".{root.name}{TMP_PREFIX}{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        try:
+            root.parent.mkdir(parents=True, exist_ok=True)
+            tmp = root.parent / f".{root.name}{TMP_PREFIX}{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+        except OSError as e:
+            raise IndexWriteError(_write_error(root, "create the index", e)) from None
         try:
             (tmp / SEGMENTS_DIR).mkdir()
             Catalog.create(tmp / CATALOG_FILE, {
@@ -363,6 +373,9 @@ class Index:
                 raise IndexFormatError(f"{root} already exists ({e.strerror}); open it with "
                                        f"Index.open") from None
             _fsync_dir(root.parent)
+        except (OSError, sqlite3.Error) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise IndexWriteError(_write_error(root, "create the index", e)) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -468,7 +481,7 @@ class Index:
         ``sha256`` (of the source's content). ``replace_paths``: in the same transaction,
         remove the live records of these paths first (a re-indexed file).
         """
-        with self._mutex:
+        with self._mutex, self._writing("add embeddings"):
             self.require_writable("add embeddings to")
             x = self._check_vectors(vectors, "vectors")
             n = len(x)
@@ -480,7 +493,7 @@ class Index:
             ids = np.arange(first, first + n, dtype=np.int64)
             name = _segment_name(seq)
             seg = self._write_segment(name, ids, x)
-            with cat.write():
+            with self._uncommitted(seg), cat.write():
                 if replace_paths:
                     unique = sorted(set(cols["paths"]))
                     cat.tombstone(_ids_of_paths(cat, unique))
@@ -498,7 +511,7 @@ class Index:
         """Remove records by id, by path prefix and/or by exact paths (tombstones: searches
         stop returning them at once, ``compact`` reclaims their space). Returns how many
         live records were removed."""
-        with self._mutex:
+        with self._mutex, self._writing("remove records"):
             self.require_writable("remove records from")
             cat = self._catalog
             targets = [np.asarray([] if ids is None else ids, dtype=np.int64).reshape(-1)]
@@ -515,7 +528,7 @@ class Index:
     def compact(self) -> dict[str, int]:
         """Merge all segments into one and drop the tombstoned vectors. Readers keep
         searching the old segments until their next search. Returns counts before/after."""
-        with self._mutex:
+        with self._mutex, self._writing("compact"):
             self.require_writable("compact")
             view = self._view
             before = {"segments": len(view.segments),
@@ -542,7 +555,7 @@ class Index:
                 seq = cat.counter("next_segment")
                 new_seg = self._write_segment(_segment_name(seq), ids, vectors)
                 del vectors
-            with cat.write():
+            with self._uncommitted(new_seg), cat.write():
                 if new_seg is not None:
                     sid = cat.insert_segment(new_seg.name, len(ids), int(ids[0]), int(ids[-1]))
                     cat.move_records(old, sid)
@@ -559,7 +572,7 @@ class Index:
         damaged one by a new segment holding the records ``reembed`` could embed again from
         their sources (same ids and metadata), and drops the rest. Without ``reembed`` the
         damaged segments' records are dropped. Needs the writer's lock."""
-        with self._mutex:
+        with self._mutex, self._writing("repair"):
             if self._lock is None:
                 raise IndexReadOnlyError(f"{self.root} is open read-only: open it for writing "
                                          f"to repair it")
@@ -586,7 +599,7 @@ class Index:
                 if len(kept_ids):
                     new_seg = self._write_segment(_segment_name(seq), kept_ids,
                                                   self._check_vectors(vectors, "re-embedded"))
-                with cat.write():
+                with self._uncommitted(new_seg), cat.write():
                     if new_seg is not None:
                         sid = cat.insert_segment(new_seg.name, len(kept_ids),
                                                  int(kept_ids[0]), int(kept_ids[-1]))
@@ -768,6 +781,34 @@ class Index:
             raise IndexFormatError(f"{what}: contains NaN or Inf")
         return x
 
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """Around a change: a failed write (disk full, I/O error) becomes
+        ``IndexWriteError`` naming the index and the cause; the change is not applied."""
+        try:
+            yield
+        except (OSError, sqlite3.Error) as e:
+            raise IndexWriteError(_write_error(self.root, what, e)) from None
+
+    @contextlib.contextmanager
+    def _uncommitted(self, seg: Segment | None):
+        """Around the commit of a segment just written: if the commit fails, delete the
+        directory at once, so that it does not hold its disk space until the next writer's
+        clean-up (kept when the catalog, read again, names it after all)."""
+        try:
+            yield
+        except BaseException:
+            if seg is not None:
+                try:
+                    committed = self._catalog.conn.execute(
+                        "SELECT 1 FROM segments WHERE name=?", (seg.name,)).fetchone()
+                except sqlite3.Error:
+                    committed = True  # cannot tell: leave it to the next writer's clean-up
+                if not committed:
+                    self._cache.pop(seg.name, None)
+                    shutil.rmtree(self.root / SEGMENTS_DIR / seg.name, ignore_errors=True)
+            raise
+
     def _write_segment(self, name: str, ids: np.ndarray, vectors: np.ndarray) -> Segment:
         return write_segment(self.root / SEGMENTS_DIR, name, ids, vectors, dtype=self.dtype,
                              rerank_dtype=self.rerank_dtype, bundle_sha256=self.bundle_sha256)
@@ -854,6 +895,20 @@ class Index:
 
 
 # --------------------------------------------------------------------------- helpers
+
+def _write_error(root: Path, what: str, e: OSError | sqlite3.Error) -> str:
+    if isinstance(e, sqlite3.Error):
+        full = getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL \
+            or "disk is full" in str(e)
+        where, detail = root / CATALOG_FILE, str(e)
+    else:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        where, detail = e.filename or root / SEGMENTS_DIR, e.strerror or str(e)
+    reason = "no space left on device" if full else detail
+    return (f"{root}: cannot {what}: {reason} (writing {where}); this change was not "
+            f"applied, every change acknowledged before it is intact"
+            + ("; free some space and try again" if full else ""))
+
 
 def _segment_name(seq: int) -> str:
     return f"s{seq:08d}"

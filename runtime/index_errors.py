@@ -29,6 +29,11 @@ class IndexBundleMismatchError(ClapIndexError):
     another space, so scores against them would be meaningless)."""
 
 
+class IndexWriteError(ClapIndexError):
+    """A change could not be written (disk full, quota, I/O error, read-only file system).
+    The change was not applied; the index keeps every change acknowledged before it."""
+
+
 class IndexCorruptError(ClapIndexError):
     """A segment that fails its checks: truncated, a checksum mismatch, missing files, or a
     header that contradicts the catalog. ``segment`` names it, ``reason`` says what failed."""
