@@ -33,6 +33,7 @@ created once under a lock; ONNX Runtime's ``run`` is thread-safe).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from typing import Any, Iterable, Sequence
 
@@ -46,10 +47,12 @@ from clapedge.runtime.bundle import Bundle
 from clapedge.runtime.manifest import (ATTENTION_MASK, EMBEDDING, HEAD_PREFIX, INDICES,
                                        INPUT_IDS, SCORES, WAVEFORM)
 from clapedge.runtime.results import AudioEncoding, Ranked, Tag
-from clapedge.runtime.stream import AudioStream, StreamConfig, StreamEvent, smoothed
+from clapedge.runtime.stream import (AudioStream, StreamConfig, StreamEvent, encode_window,
+                                     plan_reuse, smoothed)
 
 
 DEFAULT_BATCH = 8
+log = logging.getLogger("clapedge.runtime")
 
 
 def _is_single(audio: Any) -> bool:
@@ -349,15 +352,22 @@ class Runtime:
 
     def create_stream(self, window_s: float = 2.0, hop_s: float = 0.5,
                       banks: Iterable[str] | None = None, *, k: int | None = 3,
-                      smooth: int = 1, max_buffer_s: float = 60.0) -> AudioStream:
+                      smooth: int = 1, max_buffer_s: float = 60.0, reuse: str = "auto",
+                      max_events: int = 256) -> AudioStream:
         """A stream tagged with ``banks`` (bank or head names; default: the default bank;
-        ``[]``: embeddings only) over windows of ``window_s`` every ``hop_s``."""
+        ``[]``: embeddings only) over windows of ``window_s`` every ``hop_s``.
+        ``reuse``: "auto" | "approx" | "off", front-end frame reuse across overlapping
+        windows (see ``stream``); ``max_events``: undrained ``results()`` kept."""
         _check_k(k)
         names = [self.default_bank()] if banks is None else list(banks)
         for name in names:
             self.labels(name)
-        return AudioStream(self.sample_rate, StreamConfig(
-            float(window_s), float(hop_s), tuple(names), k, smooth, float(max_buffer_s)))
+        config = StreamConfig(float(window_s), float(hop_s), tuple(names), k, smooth,
+                              float(max_buffer_s), reuse, max_events)
+        plan, reason = plan_reuse(self, config)
+        log.info("stream (window %g s, hop %g s): %s", config.window_s, config.hop_s,
+                 reason if plan is not None else f"encoding full windows: {reason}")
+        return AudioStream(self.sample_rate, config, plan, reason)
 
     def is_ready(self, stream: AudioStream) -> bool:
         """Whether ``decode(stream)`` has a window to decode."""
@@ -371,7 +381,9 @@ class Runtime:
             if item is None:
                 return None
             start, end, samples = item
-            enc = self._encode([samples], DEFAULT_BATCH)[0]
+            enc = encode_window(self, stream, start, samples)
+            if enc is None:
+                enc = self._encode([samples], DEFAULT_BATCH)[0]
             stream.recent.append(enc)
             basis = smoothed(list(stream.recent))
             heads = self.manifest.towers.audio.heads

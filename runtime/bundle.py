@@ -240,8 +240,17 @@ class Bundle:
 
     # -- towers
 
+    # The streaming split's halves (manifest ``stream``) open like towers under these roles.
+    STREAM_ROLES = {"audio_frontend": "frontend", "audio_encoder": "encoder"}
+
+    def _spec(self, role: str) -> TowerSpec | None:
+        if role in self.STREAM_ROLES:
+            stream = self.manifest.stream
+            return None if stream is None else getattr(stream, self.STREAM_ROLES[role])
+        return getattr(self.manifest.towers, role, None)
+
     def has_tower(self, role: str) -> bool:
-        return getattr(self.manifest.towers, role, None) is not None
+        return self._spec(role) is not None
 
     def tower(self, role: str) -> Tower:
         """The tower's session, created on first use."""
@@ -250,7 +259,7 @@ class Bundle:
             return tower
         with self._lock:
             if role not in self._towers:
-                spec = getattr(self.manifest.towers, role, None)
+                spec = self._spec(role)
                 if spec is None:
                     raise BundleError(f"{self.root}: the bundle has no {role} tower")
                 t0 = time.perf_counter()

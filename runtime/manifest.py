@@ -9,6 +9,8 @@ A bundle is a directory with ``manifest.json`` beside the files it names::
     BUNDLE/tokenizer.json   tokenizer      (HF ``tokenizers`` file)
     BUNDLE/banks/<name>.npy banks[name]    (float32 [n_labels, embed_dim], rows L2-normalised)
     BUNDLE/*.plan           engines        (TensorRT; valid only for the recorded TRT + GPU)
+    BUNDLE/audio_frontend.onnx stream.frontend (optional, format 1.2; the audio tower cut
+    BUNDLE/audio_encoder.onnx  stream.encoder   in two for streaming, see ``StreamSpec``)
 
 Every file is named by a relative POSIX path inside the bundle and carries its sha256 and
 (format 1.1) its size in bytes; the runtime verifies each file when it opens it, the size
@@ -32,6 +34,11 @@ them; ``batch``, ``samples`` and ``tokens`` are named dynamic dimensions)::
                                                       ``banks[tagger.bank]``, descending
             out  indices         int64   [batch, k]   row indices into that bank
             out  embedding       float32 [batch, embed_dim]  optional
+    stream.frontend  in   waveform (+ attention_mask)   as audio
+                     out  frames    float32 [batch, frames, channels]
+    stream.encoder   in   frames    float32 [batch, frames, channels]
+                     in   attention_mask  int64 [batch, samples]  (the window's samples)
+                     out  as audio
 
 Each ONNX file should also describe itself in ``metadata_props`` (as sherpa-onnx models
 do), so a file separated from its bundle stays usable: ``role`` (audio|text|tagger),
@@ -43,7 +50,7 @@ fp16 and int8 towers keep float32 inputs and outputs (the runtime casts to whate
 a tower declares, so a float16 input also works, but float32 I/O is the convention).
 
 Versioning: ``format_version`` is ``"MAJOR.MINOR"`` (1.1 added the optional ``size`` of
-every file; 1.0 bundles, without sizes, still load). The runtime refuses another major
+every file; 1.2 the optional ``stream`` split; older bundles still load). The runtime refuses another major
 version. A newer minor version may add fields: unknown keys are then ignored; with the same
 or an older minor version an unknown key is an error (it is a typo or a corrupt file).
 
@@ -66,7 +73,7 @@ from typing import Any, Callable, Mapping
 
 from clapedge.errors import BundleError, ConfigError
 
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 MANIFEST_NAME = "manifest.json"
 # A manifest is a few KB (prompt lists make it a few hundred); refuse absurd ones unread.
 MAX_MANIFEST_BYTES = 64 << 20
@@ -83,6 +90,7 @@ EMBEDDING = "embedding"
 INPUT_IDS = "input_ids"
 SCORES = "scores"
 INDICES = "indices"
+FRAMES = "frames"
 HEAD_PREFIX = "head_"
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -407,6 +415,39 @@ class ModelInfo:
 
 
 @dataclass
+class StreamSpec:
+    """The audio tower cut in two for streaming (format 1.2, optional; written by
+    ``export/stream_split.py``): ``frontend`` maps samples to per-frame features, frame t
+    seeing samples [frame_stride*t, frame_stride*t + receptive_field); ``encoder`` maps the
+    frames of a window (and the window's sample mask) to the audio tower's outputs.
+    ``exact``: reusing frames across windows gave bit-identical outputs to the audio tower
+    at export (the front end is frame-local); false for front ends normalised over time
+    (GroupNorm), which a stream then uses only when asked (``reuse="approx"``).
+    ``boundary`` is the audio-graph tensor where it was cut and ``max_abs_error`` the
+    largest difference from the audio tower measured at export, both for the record."""
+
+    frontend: TowerSpec
+    encoder: TowerSpec
+    frame_stride: int
+    receptive_field: int
+    exact: bool
+    boundary: str | None = None
+    max_abs_error: float | None = None
+
+    def __post_init__(self):
+        for name in ("frame_stride", "receptive_field"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                _fail(name, f"{v!r} must be a positive integer")
+        if not isinstance(self.exact, bool):
+            _fail("exact", f"{self.exact!r} must be true or false")
+        if self.max_abs_error is not None and not (
+                isinstance(self.max_abs_error, (int, float)) and self.max_abs_error >= 0
+                and math.isfinite(self.max_abs_error)):
+            _fail("max_abs_error", f"{self.max_abs_error!r} must be a finite number >= 0")
+
+
+@dataclass
 class Manifest:
     """Everything the runtime needs to know about a bundle (see the module docstring).
 
@@ -427,6 +468,7 @@ class Manifest:
     calibration: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
     engines: tuple[EngineSpec, ...] = ()
+    stream: StreamSpec | None = None
     format_version: str = FORMAT_VERSION
 
     def __post_init__(self):
@@ -480,6 +522,36 @@ class Manifest:
         for role, tower in t.items():
             if role != "tagger" and (tower.bank is not None or tower.k is not None):
                 _fail(f"towers.{role}", "bank/k are set on the tagger tower only")
+        if self.stream is not None:
+            self._check_stream(self.stream, t.audio)
+
+    @staticmethod
+    def _check_stream(s: StreamSpec, audio: TowerSpec) -> None:
+        front = s.frontend.input(WAVEFORM)
+        if front is None or front.dtype not in ("float32", "float16") or len(front.shape) != 2:
+            _fail("stream.frontend.inputs", f"needs {WAVEFORM!r} float32 [batch, samples]")
+        frames = [s.frontend.output(FRAMES), s.encoder.input(FRAMES)]
+        if any(f is None or len(f.shape) != 3 or f.dtype not in ("float32", "float16")
+               for f in frames):
+            _fail("stream", f"the frontend needs an output and the encoder an input "
+                            f"{FRAMES!r} float [batch, frames, channels]")
+        if frames[0].shape[2] != frames[1].shape[2]:
+            _fail("stream", f"frontend frames have {frames[0].shape[2]} channels, the "
+                            f"encoder takes {frames[1].shape[2]}")
+        for spec in (s.frontend, s.encoder):
+            mask = spec.input(ATTENTION_MASK)
+            if mask is not None and (mask.dtype != "int64" or len(mask.shape) != 2):
+                _fail("stream", f"{ATTENTION_MASK!r} must be int64 [batch, samples]")
+        want = sorted(o.name for o in audio.outputs)
+        if sorted(o.name for o in s.encoder.outputs) != want or s.encoder.heads != audio.heads:
+            _fail("stream.encoder.outputs", f"must be the audio tower's outputs {want} "
+                                            f"(and heads)")
+        for spec in (s.frontend, s.encoder):
+            if spec.bank is not None or spec.k is not None:
+                _fail("stream", "bank/k are set on the tagger tower only")
+
+    def stream_towers(self) -> list[TowerSpec]:
+        return [] if self.stream is None else [self.stream.frontend, self.stream.encoder]
 
     # -- helpers for the exporter and the loader
 
@@ -500,6 +572,12 @@ class Manifest:
         m.tokenizer = None if self.tokenizer is None else sized(self.tokenizer)
         m.banks = {name: sized(bank) for name, bank in self.banks.items()}
         m.engines = tuple(sized(e) for e in self.engines)
+        if self.stream is not None:
+            m.stream = dataclasses.replace(
+                self.stream, **{part: dataclasses.replace(
+                    sized(getattr(self.stream, part)), external_data=tuple(
+                        sized(x) for x in getattr(self.stream, part).external_data))
+                    for part in ("frontend", "encoder")})
         return m
 
     def files(self) -> list[tuple[str, str]]:
@@ -512,6 +590,9 @@ class Manifest:
             out.append((self.tokenizer.file, self.tokenizer.sha256))
         out.extend((b.file, b.sha256) for _, b in sorted(self.banks.items()))
         out.extend((e.file, e.sha256) for e in self.engines)
+        for tower in self.stream_towers():
+            out.append((tower.file, tower.sha256))
+            out.extend((x.file, x.sha256) for x in tower.external_data)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -743,6 +824,13 @@ class _Reader:
             "profiles": (self.list_of(self.dict_of(self.shape_range)), None),
             "precision": (self.s, None), "size": (self.i, None)})
 
+    def stream(self, v, path):
+        return self.obj(v, path, StreamSpec, {
+            "frontend": (self.tower, _MISSING), "encoder": (self.tower, _MISSING),
+            "frame_stride": (self.i, _MISSING), "receptive_field": (self.i, _MISSING),
+            "exact": (self.b, _MISSING), "boundary": (self.s, None),
+            "max_abs_error": (self.f, None)})
+
     def model(self, v, path):
         return self.obj(v, path, ModelInfo, {"name": (self.s, _MISSING),
                                              "source_sha256": (self.s, None),
@@ -756,7 +844,8 @@ class _Reader:
             "model": (self.model, _MISSING), "tokenizer": (self.tokenizer, None),
             "banks": (self.dict_of(self.bank), None), "default_bank": (self.s, None),
             "calibration": (self.d, None), "quality": (self.d, None),
-            "engines": (self.list_of(self.engine), None)})
+            "engines": (self.list_of(self.engine), None),
+            "stream": (self.stream, None)})
 
 
 # --------------------------------------------------------------------------- files

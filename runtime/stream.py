@@ -17,10 +17,36 @@ offline windows of the same signal, and each window's embedding is bit-identical
 ``rt.embed_audio(window)``: the streaming resampler gives the same samples as decoding the
 whole file (soxr's output does not depend on the chunking).
 
-Memory: the stream keeps the audio from the start of the last decoded window on, at most one
-window plus one hop when ``decode`` keeps up with ``accept_waveform``; audio fed faster than
-it is decoded is refused past ``max_buffer_s`` (an ``AudioError`` naming the limit).
-Events wait in ``results()`` until fetched.
+Reuse across overlapping windows. A bundle exported with a streaming split (manifest
+``stream``: ``audio_frontend.onnx`` + ``audio_encoder.onnx``, the audio tower cut after its
+per-frame conv front end, see ``export/stream_split.py``) lets each hop compute front-end
+frames only for its new samples: frame t covers samples [S*t, S*t + R) (S = 320, R = 400 for
+the wav2vec2 family at 16 kHz), the stream keeps the frames of the current window (at most
+one window's worth, ``FrameCache``) and runs only the encoder over them. ``reuse`` picks:
+
+- ``"auto"`` (default): reuse where it is exact: the split is marked ``exact`` (frame-local
+  front end; the export checked that reuse is bit-identical), ``hop`` is a multiple of the
+  frame stride (window starts on a frame boundary) and a window is encoded offline as one
+  unpadded clip (``min_seconds <= window_s <= max_seconds``, a multiple of
+  ``bucket_seconds``). Then events are bit-identical to the offline windows. Otherwise every
+  window is encoded whole, and ``create_stream`` logs why (logger ``clapedge.runtime``).
+- ``"approx"``: also reuse when the split is not exact: a front end normalised over time
+  (GroupNorm in the first conv, the WavLM-base-plus shape) normalises each hop's new frames
+  over that hop's samples instead of the window's, so events differ from the offline
+  windows (docs/runtime.md gives the measured difference).
+- ``"off"``: always encode whole windows.
+
+The end-aligned last window (it does not start on a frame boundary) and a stream shorter
+than one window are always encoded whole.
+
+Memory and back-pressure. The stream keeps the audio from the start of the last decoded
+window on: at most one window plus one hop when ``decode`` keeps up. Audio fed faster than it
+is decoded is refused once more than ``max_buffer_s`` would be waiting: ``accept_waveform``
+raises ``AudioError`` naming the limit, or, with ``timeout=`` seconds, first waits that long
+for ``decode`` (on another thread) to make room. A refused chunk is not consumed (the
+resampler has not seen it): feed it again. Undrained events wait in ``results()``, at most
+``max_events`` of them; past that the oldest are dropped and counted in ``dropped_events``
+(``decode`` also returns each event, for callers that never call ``results()``).
 
 Smoothing: with ``smooth=n``, tags come from the re-normalised mean of the last ``n`` window
 embeddings (head logits: their mean); ``StreamEvent.embedding`` stays the window's own.
@@ -28,19 +54,29 @@ embeddings (head logits: their mean); ``StreamEvent.embedding`` stays the window
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from clapedge.errors import AudioError, ConfigError
-from clapedge.runtime.audio import Resampler, as_frames, check_finite, check_rate, to_mono
+from clapedge.errors import AudioError, BundleError, ConfigError
+from clapedge.runtime.audio import (Resampler, as_frames, check_finite, check_rate,
+                                    padded_length, segment, to_mono)
+from clapedge.runtime.manifest import (ATTENTION_MASK, EMBEDDING, FRAMES, HEAD_PREFIX,
+                                       WAVEFORM)
 from clapedge.runtime.results import AudioEncoding, Tag
 
 if TYPE_CHECKING:
     from clapedge.runtime.api import Runtime
+
+log = logging.getLogger("clapedge.runtime")
+
+REUSE_MODES = ("auto", "approx", "off")
 
 
 @dataclass(frozen=True)
@@ -68,6 +104,8 @@ class StreamConfig:
     k: int | None = 3
     smooth: int = 1
     max_buffer_s: float = 60.0
+    reuse: str = "auto"
+    max_events: int = 256
 
     def __post_init__(self):
         if not (self.window_s > 0 and 0 < self.hop_s <= self.window_s):
@@ -78,6 +116,61 @@ class StreamConfig:
         if self.max_buffer_s < self.window_s + self.hop_s:
             raise ConfigError(f"stream: max_buffer_s={self.max_buffer_s} must hold at least "
                               f"one window plus one hop ({self.window_s + self.hop_s} s)")
+        if self.reuse not in REUSE_MODES:
+            raise ConfigError(f"stream: reuse={self.reuse!r} must be one of "
+                              f"{', '.join(REUSE_MODES)}")
+        if isinstance(self.max_events, bool) or not isinstance(self.max_events, int) \
+                or self.max_events < 1:
+            raise ConfigError(f"stream: max_events={self.max_events!r} must be an integer "
+                              f">= 1")
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """How a stream reuses front-end frames: frame t covers samples
+    [stride*t, stride*t + receptive_field); a window holds ``frames`` of them."""
+
+    stride: int
+    receptive_field: int
+    frames: int
+    exact: bool
+
+
+class FrameCache:
+    """The front-end frames of the stream's current window by absolute frame index (at most
+    one window's worth); ``window`` computes only the frames it does not hold yet."""
+
+    def __init__(self, plan: FramePlan):
+        self.plan = plan
+        self.first = 0                     # absolute index of rows[0]
+        self.rows: np.ndarray | None = None
+        self.computed = 0                  # frames computed so far (for benchmarks)
+        self.reused = 0                    # frames taken from the cache
+
+    def window(self, start: int, samples: np.ndarray,
+               compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """The frames of the window starting at stream sample ``start`` (a multiple of the
+        stride) whose samples are ``samples``; ``compute(chunk)`` runs the front end."""
+        p = self.plan
+        first = start // p.stride
+        if self.rows is not None and self.first <= first <= self.first + len(self.rows):
+            self.rows = self.rows[first - self.first:]
+        else:
+            self.rows = None
+        self.first = first
+        have = 0 if self.rows is None else len(self.rows)
+        self.reused += have
+        if have < p.frames:
+            a = (first + have) * p.stride - start
+            b = (first + p.frames - 1) * p.stride + p.receptive_field - start
+            new = compute(samples[a:b])
+            if new.ndim != 2 or len(new) != p.frames - have:
+                raise BundleError(f"the audio front end returned frames of shape {new.shape} "
+                                  f"for {b - a} samples, expected {p.frames - have} frames "
+                                  f"(stride {p.stride}, receptive field {p.receptive_field})")
+            self.computed += len(new)
+            self.rows = new if self.rows is None else np.concatenate([self.rows, new])
+        return self.rows
 
 
 class AudioStream:
@@ -85,12 +178,16 @@ class AudioStream:
     Create it with ``Runtime.create_stream``. Feeding and decoding may happen on different
     threads."""
 
-    def __init__(self, rate: int, config: StreamConfig):
+    def __init__(self, rate: int, config: StreamConfig, plan: FramePlan | None = None,
+                 plan_reason: str = ""):
         self.config = config
         self.rate = rate
         self.window = max(1, int(round(config.window_s * rate)))
         self.hop = max(1, int(round(config.hop_s * rate)))
         self.max_buffer = int(round(config.max_buffer_s * rate))
+        self.plan = plan
+        self.plan_reason = plan_reason       # why frames are (not) reused
+        self.frames = FrameCache(plan) if plan is not None else None
         self._resampler: Resampler | None = None
         self._in_rate: int | None = None
         self._in_samples = 0
@@ -101,19 +198,26 @@ class AudioStream:
         self._last_end = 0       # end of the last decoded window
         self._finished = False
         self._done = False
-        self._events: deque[StreamEvent] = deque()
+        self._events: deque[StreamEvent] = deque(maxlen=config.max_events)
+        self.dropped_events = 0  # events pushed out of results() undrained
         self.recent: deque[AudioEncoding] = deque(maxlen=config.smooth)
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # signalled when decode frees audio
         self.decode_lock = threading.Lock()  # one decode at a time keeps events in order
 
     # -- feeding
 
-    def accept_waveform(self, sample_rate: int, samples: np.ndarray) -> None:
+    def accept_waveform(self, sample_rate: int, samples: np.ndarray, *,
+                        timeout: float | None = None) -> None:
         """Append samples (int16/int32/float, [n] or [n, channels]) at ``sample_rate``;
-        the rate must stay the same for the whole stream."""
+        the rate must stay the same for the whole stream. Past ``max_buffer_s`` of waiting
+        audio the chunk is refused (``AudioError``, chunk not consumed), after waiting up
+        to ``timeout`` seconds for ``decode`` on another thread to make room."""
         name = "stream"
         rate = check_rate(sample_rate, name)
         frames = as_frames(np.asarray(samples), name)
+        if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
+            raise ConfigError(f"stream: timeout={timeout!r} must be a number of seconds >= 0")
         with self._lock:
             if self._finished:
                 raise AudioError("stream: accept_waveform after input_finished")
@@ -126,8 +230,35 @@ class AudioStream:
                 return
             mono = to_mono(frames)
             check_finite(mono, self._in_samples, rate, name)
+            self._wait_for_room(len(mono), timeout)
             self._in_samples += len(mono)
             self._append(self._resampler.process(mono))
+
+    def _bound_after(self, n_in: int) -> int:
+        """An upper bound of the stream's length (at the bundle's rate) once ``n_in`` more
+        input samples are resampled: soxr's total output never exceeds the exact ratio."""
+        total_in = self._in_samples + n_in
+        return max(self._total, math.ceil(total_in * self.rate / self._in_rate) + 1)
+
+    def _wait_for_room(self, n_in: int, timeout: float | None) -> None:
+        chunk = self._bound_after(n_in) - self._total
+        if chunk > self.max_buffer - (self.window + self.hop):
+            raise AudioError(f"stream: a chunk of {chunk / self.rate:.1f} s cannot fit in "
+                             f"max_buffer_s={self.config.max_buffer_s} beside one window and "
+                             f"hop; feed smaller chunks")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pending = self._bound_after(n_in) - self._buf_start
+            if pending <= self.max_buffer:
+                return
+            left = 0.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                waited = "" if timeout is None else f" (waited {timeout:g} s)"
+                raise AudioError(f"stream: {pending / self.rate:.1f} s of audio would be "
+                                 f"waiting, more than max_buffer_s={self.config.max_buffer_s}"
+                                 f"{waited}; call decode while feeding (the chunk was not "
+                                 f"consumed: feed it again)")
+            self._room.wait(left)
 
     def input_finished(self) -> None:
         """No more audio: the final window becomes ready."""
@@ -135,15 +266,11 @@ class AudioStream:
             if self._finished:
                 return
             if self._resampler is not None:
-                self._append(self._resampler.flush(), check=False)
+                self._append(self._resampler.flush())
             self._finished = True
+            self._room.notify_all()
 
-    def _append(self, y: np.ndarray, check: bool = True) -> None:
-        pending = self._total + len(y) - self._buf_start
-        if check and pending > self.max_buffer:
-            raise AudioError(f"stream: {pending / self.rate:.1f} s of audio waiting, more than "
-                             f"max_buffer_s={self.config.max_buffer_s}; call decode while "
-                             f"feeding")
+    def _append(self, y: np.ndarray) -> None:
         self._buf = np.concatenate([self._buf, y]) if len(self._buf) else y.astype(
             np.float32, copy=True)
         self._total += len(y)
@@ -185,14 +312,21 @@ class AudioStream:
             if drop > 0:
                 self._buf = self._buf[drop:].copy()
                 self._buf_start = start
+                self._room.notify_all()
             return start, end, samples
 
     def _emit(self, event: StreamEvent) -> None:
         with self._lock:
+            if len(self._events) == self._events.maxlen:
+                if self.dropped_events == 0:
+                    log.warning("stream: %d undrained events; dropping the oldest (call "
+                                "results() to drain, or raise max_events)", len(self._events))
+                self.dropped_events += 1
             self._events.append(event)
 
     def results(self) -> list[StreamEvent]:
-        """Events decoded since the last call (each event is returned once)."""
+        """Events decoded since the last call (each event is returned once; at most
+        ``max_events``, the oldest dropped past that)."""
         with self._lock:
             out = list(self._events)
             self._events.clear()
@@ -200,8 +334,15 @@ class AudioStream:
 
     @property
     def buffered_seconds(self) -> float:
+        """Audio held by the stream (the last window's start on), in seconds."""
         with self._lock:
             return len(self._buf) / self.rate
+
+    @property
+    def pending_events(self) -> int:
+        """Decoded events not yet fetched with ``results()``."""
+        with self._lock:
+            return len(self._events)
 
 
 def smoothed(recent: Sequence[AudioEncoding]) -> AudioEncoding:
@@ -212,3 +353,74 @@ def smoothed(recent: Sequence[AudioEncoding]) -> AudioEncoding:
     emb = (emb / np.linalg.norm(emb)).astype(np.float32)
     heads = {h: np.mean([r.heads[h] for r in recent], axis=0) for h in recent[-1].heads}
     return AudioEncoding(emb, heads, recent[-1].duration_s, len(recent))
+
+
+# --------------------------------------------------------------------------- frame reuse
+
+def plan_reuse(rt: "Runtime", config: StreamConfig) -> tuple[FramePlan | None, str]:
+    """Whether a stream with ``config`` can reuse front-end frames on ``rt``'s bundle, and
+    why (not). Opens the split's two sessions when it can."""
+    m = rt.manifest
+    split = m.stream
+    rate = m.sample_rate
+    window = max(1, int(round(config.window_s * rate)))
+    hop = max(1, int(round(config.hop_s * rate)))
+    if config.reuse == "off":
+        return None, "reuse='off'"
+    if split is None:
+        return None, ("the bundle has no streaming split (audio_frontend.onnx + "
+                      "audio_encoder.onnx: re-export it, or add one with python -m "
+                      "clapedge.export.stream_split BUNDLE)")
+    if not split.exact and config.reuse != "approx":
+        return None, ("the bundle's front end is not frame-local (stream.exact is false: "
+                      "it normalises over time, e.g. GroupNorm), so reused frames would "
+                      "differ from the offline windows; pass reuse='approx' to reuse them "
+                      "anyway")
+    if hop % split.frame_stride:
+        return None, (f"hop {hop} samples is not a multiple of the frame stride "
+                      f"{split.frame_stride} (windows would not start on a frame)")
+    if window < split.receptive_field:
+        return None, f"window {window} samples is shorter than one frame"
+    segments = segment(np.zeros(window, np.float32), rate, m.clip)
+    bucket = (max(1, int(round(m.clip.bucket_seconds * rate)))
+              if m.clip.bucket_seconds > 0 else 0)
+    if len(segments) != 1 or len(segments[0]) != window \
+            or padded_length(window, bucket) != window:
+        return None, (f"an offline window of {config.window_s} s is not encoded as one "
+                      f"unpadded clip (clip policy min/max_seconds, bucket_seconds)")
+    rt.bundle.tower("audio_frontend")
+    rt.bundle.tower("audio_encoder")
+    frames = (window - split.receptive_field) // split.frame_stride + 1
+    plan = FramePlan(split.frame_stride, split.receptive_field, frames, split.exact)
+    return plan, (f"reusing front-end frames ({frames} per window, {hop // split.frame_stride}"
+                  f" new per hop{'' if split.exact else ', approximate'})")
+
+
+def encode_window(rt: "Runtime", stream: AudioStream, start: int,
+                  samples: np.ndarray) -> AudioEncoding | None:
+    """The window's encoding from cached front-end frames plus the encoder, or None when
+    this window must be encoded whole (no plan, a short or end-aligned window)."""
+    plan, cache = stream.plan, stream.frames
+    if plan is None or cache is None or len(samples) != stream.window \
+            or start % plan.stride:
+        return None
+    frontend = rt.bundle.tower("audio_frontend")
+    encoder = rt.bundle.tower("audio_encoder")
+
+    def compute(chunk: np.ndarray) -> np.ndarray:
+        feeds = {WAVEFORM: chunk[None]}
+        if frontend.has_input(ATTENTION_MASK):
+            feeds[ATTENTION_MASK] = np.ones((1, len(chunk)), np.int64)
+        return frontend.run(feeds, [FRAMES])[FRAMES][0]
+
+    frames = cache.window(start, samples, compute)
+    heads = list(encoder.spec.heads)
+    outputs = [EMBEDDING] + [HEAD_PREFIX + h for h in heads]
+    feeds = {FRAMES: frames[None]}
+    if encoder.has_input(ATTENTION_MASK):
+        feeds[ATTENTION_MASK] = np.ones((1, len(samples)), np.int64)
+    result = encoder.run(feeds, outputs)
+    rt._check_embedding(result[EMBEDDING], 1, "audio encoder")
+    return AudioEncoding(result[EMBEDDING][0].astype(np.float32, copy=True),
+                         {h: result[HEAD_PREFIX + h][0].copy() for h in heads},
+                         len(samples) / rt.sample_rate, 1)
