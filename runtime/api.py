@@ -26,6 +26,13 @@ sum over [1, N, H] may round differently from one over [4, N, H]). Where bit-exa
 reproducibility across batchings matters, use ``batch_size=1``; on CPU it costs little, a
 clip's frames already fill the matrix multiplications.
 
+Memory: audio is decoded and resampled block by block and a long input is embedded window
+by window as its samples arrive (``audio.SegmentStream``), so embedding or tagging a file
+holds at most ``clip.max_seconds`` of it (plus one block and one batch of windows),
+whatever its length: an hour-long file costs no more than a minute-long one. The windows of
+a long input are batched among themselves, never with other inputs, so its embedding is the
+same in any call. (``load_audio`` returns the whole signal, by its nature.)
+
 Thread safety: one ``Runtime`` may be called from several threads at once (sessions are
 created once under a lock; ONNX Runtime's ``run`` is thread-safe).
 """
@@ -41,8 +48,8 @@ import numpy as np
 
 from clapedge.errors import BundleError, ConfigError
 from clapedge.kernels import topk
-from clapedge.runtime.audio import (batch_segments, load_audio, padded_length,
-                                    seconds_to_samples, segment)
+from clapedge.runtime.audio import (SegmentStream, batch_segments, load_audio,
+                                    padded_length, seconds_to_samples, segment, stream_audio)
 from clapedge.runtime.bundle import Bundle
 from clapedge.runtime.manifest import (ATTENTION_MASK, EMBEDDING, HEAD_PREFIX, INDICES,
                                        INPUT_IDS, SCORES, WAVEFORM)
@@ -70,6 +77,11 @@ def _check_k(k: int | None) -> None:
     if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer))
                           or k <= 0):
         raise ConfigError(f"k: {k!r} must be a positive integer (or None for all labels)")
+
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    """Row norms, floored so that an all-zero row stays zero instead of becoming NaN."""
+    return np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -128,8 +140,12 @@ class Runtime:
         sources = [audio] if _is_single(audio) else list(audio)
         if not sources:
             return []
-        signals = [self.load_audio(s, sample_rate) for s in sources]
-        return self._encode(signals, batch_size)
+        return self._encode([self._segments(s, sample_rate) for s in sources], batch_size)
+
+    def _segments(self, audio, sample_rate: int | None) -> SegmentStream:
+        """The input decoded lazily, block by block, into its clip-policy segments."""
+        chunks = stream_audio(audio, sample_rate, target_rate=self.sample_rate)
+        return SegmentStream(chunks, self.sample_rate, self.manifest.clip)
 
     def embed_audio(self, audio, sample_rate: int | None = None, *,
                     batch_size: int = DEFAULT_BATCH) -> np.ndarray:
@@ -144,53 +160,93 @@ class Runtime:
         seconds = self.manifest.clip.bucket_seconds
         return seconds_to_samples(seconds, self.sample_rate) if seconds > 0 else 0
 
-    def _encode(self, signals: list[np.ndarray], batch_size: int) -> list[AudioEncoding]:
+    def _encode(self, clips: list[SegmentStream | np.ndarray],
+                batch_size: int) -> list[AudioEncoding]:
+        """Encodings of decoded signals or ``SegmentStream``s: a long input window by
+        window on its own (``_encode_long``); short ones (one segment each) batched
+        together by padded length."""
         tower = self.bundle.tower("audio")
         heads = list(tower.spec.heads)
         outputs = [EMBEDDING] + [HEAD_PREFIX + h for h in heads]
         bucket = self._bucket()
-        items = []  # (padded length, clip, window, samples)
-        per_clip = []
-        for ci, signal in enumerate(signals):
-            segments = segment(signal, self.sample_rate, self.manifest.clip)
-            per_clip.append(len(segments))
-            items += [(padded_length(len(s), bucket), ci, si, s)
-                      for si, s in enumerate(segments)]
-        items.sort(key=lambda t: t[:3])
-        rows: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        out: list[AudioEncoding | None] = [None] * len(clips)
+        items = []  # (padded length, clip, segment, signal length)
+        for ci, clip in enumerate(clips):
+            if isinstance(clip, np.ndarray):
+                clip = SegmentStream([clip], self.sample_rate, self.manifest.clip)
+            signal = clip.head()
+            if signal is None:
+                out[ci] = self._encode_long(clip, batch_size, tower, heads, outputs, bucket)
+                continue
+            (seg,) = segment(signal, self.sample_rate, self.manifest.clip)
+            items.append((padded_length(len(seg), bucket), ci, seg, len(signal)))
+        items.sort(key=lambda t: t[:2])
         for length, group in itertools.groupby(items, key=lambda t: t[0]):
             group = list(group)
             for start in range(0, len(group), batch_size):
                 chunk = group[start:start + batch_size]
-                waveform, mask = batch_segments([t[3] for t in chunk], length)
-                result = tower.run({WAVEFORM: waveform, ATTENTION_MASK: mask}, outputs)
-                self._check_embedding(result[EMBEDDING], len(chunk), "audio")
-                for row, (_, ci, si, _) in enumerate(chunk):
-                    rows[ci, si] = {name: result[name][row] for name in outputs}
-        return [self._pool([rows[ci, si] for si in range(n)], heads, len(signals[ci]))
-                for ci, n in enumerate(per_clip)]
+                result = self._run_audio(tower, [t[2] for t in chunk], length, outputs)
+                for row, (_, ci, _, n) in enumerate(chunk):
+                    out[ci] = self._pool([{name: result[name][row] for name in outputs}],
+                                         heads, n)
+        return out
+
+    def _run_audio(self, tower, segments: list[np.ndarray], length: int,
+                   outputs: list[str]) -> dict[str, np.ndarray]:
+        waveform, mask = batch_segments(segments, length)
+        result = tower.run({WAVEFORM: waveform, ATTENTION_MASK: mask}, outputs)
+        self._check_embedding(result[EMBEDDING], len(segments), "audio")
+        return result
+
+    def _encode_long(self, clip: SegmentStream, batch_size: int, tower, heads: list[str],
+                     outputs: list[str], bucket: int) -> AudioEncoding:
+        """A long input's encoding, its windows embedded batch by batch as they arrive:
+        the re-normalised mean of the normalised window embeddings and the mean of the head
+        logits, summed in float64 as they come (memory does not grow with the length)."""
+        length = padded_length(clip.window, bucket)
+        sums = {name: np.zeros(0) for name in outputs}
+        count = 0
+        batch: list[np.ndarray] = []
+
+        def run() -> None:
+            nonlocal count
+            result = self._run_audio(tower, batch, length, outputs)
+            emb = result[EMBEDDING].astype(np.float64)
+            result = dict(result, **{EMBEDDING: emb / _norms(emb)})
+            for name in outputs:
+                total = result[name].astype(np.float64).sum(axis=0)
+                sums[name] = total if count == 0 else sums[name] + total
+            count += len(batch)
+            batch.clear()
+
+        for window in clip.windows():
+            batch.append(window)
+            if len(batch) == batch_size:
+                run()
+        if batch:
+            run()
+        pooled = sums[EMBEDDING] / count
+        pooled /= _norms(pooled[None, :])[0]
+        return AudioEncoding(pooled.astype(np.float32),
+                             {h: (sums[HEAD_PREFIX + h] / count).astype(np.float32)
+                              for h in heads}, clip.n / self.sample_rate, count)
 
     def _pool(self, windows: list[dict[str, np.ndarray]], heads: list[str],
               n_samples: int) -> AudioEncoding:
-        """One input's encoding; windows of long audio: the re-normalised mean of the
-        normalised window embeddings, and the mean of the head logits."""
-        duration = n_samples / self.sample_rate
-        if len(windows) == 1:
-            w = windows[0]
-            return AudioEncoding(w[EMBEDDING].astype(np.float32, copy=True),
-                                 {h: w[HEAD_PREFIX + h].copy() for h in heads}, duration, 1)
-        emb = np.stack([w[EMBEDDING] for w in windows]).astype(np.float32)
-        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        pooled = emb.mean(axis=0)
-        pooled /= np.linalg.norm(pooled)
-        head_means = {h: np.stack([w[HEAD_PREFIX + h] for w in windows]).mean(axis=0)
-                      for h in heads}
-        return AudioEncoding(pooled.astype(np.float32), head_means, duration, len(windows))
+        """The encoding of a one-segment input."""
+        (w,) = windows
+        return AudioEncoding(w[EMBEDDING].astype(np.float32, copy=True),
+                             {h: w[HEAD_PREFIX + h].copy() for h in heads},
+                             n_samples / self.sample_rate, 1)
 
     def _check_embedding(self, emb: np.ndarray, rows: int, role: str) -> None:
         if emb.shape != (rows, self.embed_dim):
             raise BundleError(f"{self.bundle.root}: the {role} tower returned an embedding of "
                               f"shape {emb.shape}, expected ({rows}, {self.embed_dim})")
+        if not np.isfinite(emb).all():
+            raise BundleError(f"{self.bundle.root}: the {role} tower returned a non-finite "
+                              f"embedding (NaN or Inf) for valid input; the model is broken "
+                              f"for this input (was it exported and calibrated correctly?)")
 
     # -- text
 
@@ -262,14 +318,13 @@ class Runtime:
         order = np.argsort(-probs, kind="stable")[:k]
         return [Tag(labels[i], float(probs[i]), int(i)) for i in order]
 
-    def _tagger_fits(self, name: str, k: int | None, signal: np.ndarray) -> bool:
+    def _tagger_fits(self, name: str, k: int | None) -> bool:
         """The fused tagger answers in one call when it holds this bank and enough labels,
-        the bank is single-label, and the audio is one window (long audio is pooled over
-        windows, which only the audio tower's embeddings allow)."""
+        the bank is single-label, and the audio is one segment (long audio is pooled over
+        windows, which only the audio tower's embeddings allow; the caller checks that)."""
         tagger = self.manifest.towers.tagger
         return (tagger is not None and tagger.bank == name and k is not None
-                and k <= tagger.k and not self.manifest.banks[name].multi_label
-                and len(segment(signal, self.sample_rate, self.manifest.clip)) == 1)
+                and k <= tagger.k and not self.manifest.banks[name].multi_label)
 
     def _tag_with_tagger(self, signal: np.ndarray, name: str, k: int) -> list[Tag]:
         (seg,) = segment(signal, self.sample_rate, self.manifest.clip)
@@ -291,14 +346,16 @@ class Runtime:
         """
         _check_k(k)
         name = self.default_bank() if bank is None else bank
-        signal = self.load_audio(audio, sample_rate)
+        clip = self._segments(audio, sample_rate)
         if name in self.manifest.towers.audio.heads:
-            enc = self._encode([signal], DEFAULT_BATCH)[0]
+            enc = self._encode([clip], DEFAULT_BATCH)[0]
             return self._head_tags(enc.heads[name], name, k)
         self._bank_spec(name)
-        if self._tagger_fits(name, k, signal):
-            return self._tag_with_tagger(signal, name, k)
-        return self._bank_tags(self._encode([signal], DEFAULT_BATCH)[0].embedding, name, k)
+        if self._tagger_fits(name, k):
+            signal = clip.head()
+            if signal is not None:
+                return self._tag_with_tagger(signal, name, k)
+        return self._bank_tags(self._encode([clip], DEFAULT_BATCH)[0].embedding, name, k)
 
     def tag_all(self, audio, banks: Iterable[str] | None = None, k: int | None = 3, *,
                 sample_rate: int | None = None) -> dict[str, list[Tag]]:
@@ -309,7 +366,7 @@ class Runtime:
         for name in names:
             if name not in self.manifest.towers.audio.heads:
                 self._bank_spec(name)
-        enc = self._encode([self.load_audio(audio, sample_rate)], DEFAULT_BATCH)[0]
+        enc = self._encode([self._segments(audio, sample_rate)], DEFAULT_BATCH)[0]
         return {name: (self._head_tags(enc.heads[name], name, k)
                        if name in self.manifest.towers.audio.heads
                        else self._bank_tags(enc.embedding, name, k))

@@ -9,23 +9,29 @@ libsndfile reads. A FLAC file named ``.wav`` is fine; a file libsndfile cannot d
 (empty, truncated header, a text file, an unsupported codec) raises ``AudioError`` naming
 the file and the problem. Arrays are accepted as int16, int32, float32 or float64, 1-D
 ``[samples]`` or 2-D ``[samples, channels]`` (soundfile's layout), with a sample rate;
-integers are scaled to [-1, 1) by 2**15 and 2**31 as libsndfile does.
+integers are scaled to [-1, 1) by 2**15 and 2**31 as libsndfile does. Files and arrays
+must have at most ``MAX_CHANNELS`` channels and a rate from ``MIN_RATE`` to ``MAX_RATE``
+Hz: a 40 KB WAV whose header claims 1 Hz would otherwise resample to 320 M samples.
 
 Mono and rate. Channels are averaged; the signal is resampled to the bundle's rate with
 soxr at "HQ" quality, streamed block by block. Files are read in blocks of
-``BLOCK_FRAMES`` frames, so at most the resampled mono float32 signal plus one block is in
-memory, whatever the file's rate, channel count or length. Arrays go through the same
-block path, so a file and the same samples as an array give the same signal.
+``BLOCK_FRAMES`` frames (fewer for many channels, at most ``BLOCK_SAMPLES`` samples), so
+``load_audio`` holds at most the resampled mono float32 signal plus one block, whatever the
+file's rate, channel count or length, and ``stream_audio`` (used to embed) only one block.
+Arrays go through the same block path, so a file and the same samples as an array give the
+same signal.
 
-Validation. No samples -> ``AudioError``; a NaN or Inf sample -> ``AudioError`` naming the
-time of the first one. Silence is valid input.
+Validation. No samples (also: none left after resampling) -> ``AudioError``; a NaN or Inf
+sample -> ``AudioError`` naming the time of the first one. Silence is valid input.
 
 Clip policy (``ClipPolicy`` in the manifest; ``segment`` below): shorter than
 ``min_seconds`` -> zero-padded at the end to ``min_seconds``, the padding counted as
 signal (mask 1), so the model always sees at least its minimum receptive field; up to
 ``max_seconds`` -> one segment; longer -> windows of ``window_seconds`` every
 ``hop_seconds`` (``frame_windows``), the last one ending exactly at the end of the signal.
-Deterministic: no random crop anywhere.
+Deterministic: no random crop anywhere. ``SegmentStream`` yields the same segments from a
+signal that arrives in chunks, holding at most ``max_seconds`` (or one window) plus one
+chunk, so a file of any length is embedded in bounded memory.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -43,7 +49,9 @@ from clapedge.errors import AudioError
 from clapedge.runtime.manifest import ClipPolicy
 
 BLOCK_FRAMES = 1 << 16
+BLOCK_SAMPLES = 1 << 18
 MAX_CHANNELS = 64
+MIN_RATE, MAX_RATE = 1000, 768_000
 _INT_SCALE = {np.dtype(np.int16): 1.0 / 32768.0, np.dtype(np.int32): 1.0 / 2147483648.0}
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 READABLE = "WAV, FLAC, OGG (Vorbis/Opus), MP3 and the other formats libsndfile reads"
@@ -56,14 +64,53 @@ def load_audio(source, sample_rate: int | None = None, *, target_rate: int,
     ``source``: a path, a numpy array (with ``sample_rate``), or a tuple
     ``(array, sample_rate)``. ``sample_rate`` is ignored for paths (a file knows its rate).
     """
+    src = _open(source, sample_rate, block_frames)
+    acc = _Accumulator(src.rate, target_rate, src.frames)
+    for mono in src.blocks:
+        acc.push(mono)
+    return _nonempty(acc.finish(), src, target_rate)
+
+
+def stream_audio(source, sample_rate: int | None = None, *, target_rate: int,
+                 block_frames: int = BLOCK_FRAMES) -> Iterator[np.ndarray]:
+    """``load_audio`` in pieces: yields float32 mono chunks at ``target_rate`` whose
+    concatenation is ``load_audio``'s signal, holding one block at a time. Errors are
+    raised where they are found (a NaN an hour in: after the chunks before it)."""
+    src = _open(source, sample_rate, block_frames)
+    resampler = Resampler(src.rate, target_rate)
+    n = 0
+    for mono in src.blocks:
+        y = resampler.process(mono)
+        n += len(y)
+        yield y
+    y = resampler.flush()
+    _nonempty(y, src, target_rate, n)
+    yield y
+
+
+class _Source:
+    """An opened audio source: its name, rate, frame count (a hint) and mono blocks."""
+
+    def __init__(self, name: str, rate: int, frames: int, blocks: Iterator[np.ndarray]):
+        self.name, self.rate, self.frames, self.blocks = name, rate, frames, blocks
+
+
+def _open(source, sample_rate, block_frames: int) -> _Source:
     if isinstance(source, (str, os.PathLike)):
-        return _load_file(Path(source), target_rate, block_frames)
+        return _open_file(Path(source), block_frames)
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], np.ndarray):
         source, sample_rate = source
     if isinstance(source, np.ndarray):
-        return _load_array(source, sample_rate, target_rate, block_frames)
+        return _open_array(source, sample_rate, block_frames)
     raise AudioError(f"audio must be a file path or a numpy array, got "
                      f"{type(source).__name__}")
+
+
+def _nonempty(y: np.ndarray, src: _Source, target_rate: int, before: int = 0) -> np.ndarray:
+    if before + len(y) == 0:
+        raise AudioError(f"{src.name}: too short: no samples left at {target_rate} Hz (the "
+                         f"audio is shorter than one sample at that rate)")
+    return y
 
 
 def describe(source) -> str:
@@ -139,7 +186,12 @@ def read_blocks(path: str | os.PathLike, block_frames: int = BLOCK_FRAMES):
     """Decode a file block by block: yields (sample_rate, float32 mono block), each block
     checked for NaN/Inf. Raises ``AudioError`` naming the file for anything unreadable,
     including a file without samples."""
-    path = Path(path)
+    src = _open_file(Path(path), block_frames)
+    for mono in src.blocks:
+        yield src.rate, mono
+
+
+def _open_file(path: Path, block_frames: int) -> _Source:
     name = str(path)
     if not path.exists():
         raise AudioError(f"{name}: no such file")
@@ -150,9 +202,20 @@ def read_blocks(path: str | os.PathLike, block_frames: int = BLOCK_FRAMES):
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise AudioError(f"{name}: cannot decode audio ({_reason(e)}); readable: "
                          f"{READABLE}") from None
+    try:
+        check_rate(f.samplerate, name)
+        if not 0 < f.channels <= MAX_CHANNELS:
+            raise AudioError(f"{name}: {f.channels} channels; at most {MAX_CHANNELS} are "
+                             f"supported")
+    except AudioError:
+        f.close()
+        raise
+    frames = max(1, min(block_frames, BLOCK_SAMPLES // f.channels))
+    return _Source(name, f.samplerate, f.frames, _file_blocks(f, name, frames))
+
+
+def _file_blocks(f: sf.SoundFile, name: str, block_frames: int) -> Iterator[np.ndarray]:
     with f:
-        if f.samplerate <= 0:
-            raise AudioError(f"{name}: invalid sample rate {f.samplerate}")
         pos = 0
         blocks = f.blocks(block_frames, dtype="float32", always_2d=True)
         while True:
@@ -166,18 +229,9 @@ def read_blocks(path: str | os.PathLike, block_frames: int = BLOCK_FRAMES):
             mono = _mono(block)
             check_finite(mono, pos, f.samplerate, name)
             pos += len(mono)
-            yield f.samplerate, mono
+            yield mono
     if pos == 0:
         raise AudioError(f"{name}: contains no audio samples (zero length)")
-
-
-def _load_file(path: Path, target_rate: int, block_frames: int) -> np.ndarray:
-    acc = None
-    for rate, mono in read_blocks(path, block_frames):
-        if acc is None:
-            acc = _Accumulator(rate, target_rate, sf.info(str(path)).frames)
-        acc.push(mono)
-    return acc.finish()
 
 
 def _reason(e: Exception) -> str:
@@ -192,6 +246,9 @@ def check_rate(sample_rate, name: str) -> int:
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
             or sample_rate <= 0:
         raise AudioError(f"{name}: sample_rate {sample_rate!r} must be a positive integer")
+    if not MIN_RATE <= sample_rate <= MAX_RATE:
+        raise AudioError(f"{name}: sample rate {sample_rate} Hz is outside the supported "
+                         f"{MIN_RATE}..{MAX_RATE} Hz")
     return int(sample_rate)
 
 
@@ -221,19 +278,21 @@ def to_mono(frames: np.ndarray) -> np.ndarray:
     return _mono(block)
 
 
-def _load_array(array: np.ndarray, sample_rate, target_rate: int,
-                block_frames: int) -> np.ndarray:
+def _open_array(array: np.ndarray, sample_rate, block_frames: int) -> _Source:
     name = describe(array)
     rate = check_rate(sample_rate, name)
     array = as_frames(array, name)
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise AudioError(f"{name}: contains no audio samples (zero length)")
-    acc = _Accumulator(rate, target_rate, array.shape[0])
+    return _Source(name, rate, array.shape[0], _array_blocks(array, rate, name, block_frames))
+
+
+def _array_blocks(array: np.ndarray, rate: int, name: str,
+                  block_frames: int) -> Iterator[np.ndarray]:
     for start in range(0, array.shape[0], block_frames):
         mono = to_mono(array[start:start + block_frames])
         check_finite(mono, start, rate, name)
-        acc.push(mono)
-    return acc.finish()
+        yield mono
 
 
 # --------------------------------------------------------------------------- clip policy
@@ -270,6 +329,59 @@ def segment(signal: np.ndarray, rate: int, clip: ClipPolicy) -> list[np.ndarray]
     window = seconds_to_samples(clip.window_seconds, rate)
     hop = seconds_to_samples(clip.hop_seconds, rate)
     return [signal[s:e] for s, e in frame_windows(n, window, hop)]
+
+
+class SegmentStream:
+    """``segment`` of a signal that arrives in chunks (``stream_audio``'s), in bounded
+    memory: ``head()`` reads up to ``max_seconds`` and returns the whole signal when it ends
+    by then (one segment: pass it to ``segment``), else None; then ``windows()`` yields the
+    windows of the long signal as they complete (views: use each before asking for the
+    next batch is fine, they stay valid). Holds at most ``max_seconds`` of samples (or one
+    window) plus one chunk. ``n`` is the number of samples seen so far."""
+
+    def __init__(self, chunks: Iterable[np.ndarray], rate: int, clip: ClipPolicy):
+        self._chunks = iter(chunks)
+        self.max_n = seconds_to_samples(clip.max_seconds, rate)
+        self.window = seconds_to_samples(clip.window_seconds, rate)
+        self.hop = seconds_to_samples(clip.hop_seconds, rate)
+        self._buf = np.zeros(0, dtype=np.float32)
+        self._base = 0  # the signal's index of _buf[0]
+        self.n = 0
+        self._done = False
+
+    def _pull(self) -> None:
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            self._done = True
+            return
+        if len(chunk):
+            self._buf = np.concatenate([self._buf, np.asarray(chunk, dtype=np.float32)])
+            self.n += len(chunk)
+
+    def head(self) -> np.ndarray | None:
+        while not self._done and self.n <= self.max_n:
+            self._pull()
+        return self._buf if self.n <= self.max_n else None
+
+    def windows(self) -> Iterator[np.ndarray]:
+        """The windows of ``frame_windows(n, window, hop)``, for a signal longer than
+        ``max_seconds`` (call ``head()`` first)."""
+        start = last_end = 0
+        while True:
+            while self.n >= start + self.window:
+                offset = start - self._base
+                yield self._buf[offset:offset + self.window]
+                last_end, start = start + self.window, start + self.hop
+            # keep what the next regular window and a final one ending at the end need
+            keep = min(start, self.n - self.window)
+            if keep > self._base:
+                self._buf = self._buf[keep - self._base:]
+                self._base = keep
+            if self._done:
+                break
+            self._pull()
+        if last_end < self.n:
+            yield self._buf[self.n - self.window - self._base:]
 
 
 def padded_length(n: int, bucket: int) -> int:

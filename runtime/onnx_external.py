@@ -108,22 +108,32 @@ class _Budget:
 def _fields(buf, start: int, end: int, budget: _Budget):
     """Yield (field_number, wire_type, value) for the message in ``buf[start:end]``: an int
     for varints, a (start, end) span for length-delimited fields, None for fixed-width.
-    Each field spends one unit of ``budget``."""
+    Each field spends one unit of ``budget``. (Single-byte keys and varints, nearly all of
+    them, are read inline: this loop is the scan's cost.)"""
     pos = start
     while pos < end:
-        budget.spend()
-        key, pos = _varint(buf, pos, end)
+        budget.left -= 1
+        if budget.left < 0:
+            budget.spend()  # raises
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos, end)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise OnnxParseError("invalid field number 0")
         if wire == _VARINT:
-            value, pos = _varint(buf, pos, end)
+            if pos < end and buf[pos] < 0x80:
+                value, pos = buf[pos], pos + 1
+            else:
+                value, pos = _varint(buf, pos, end)
         elif wire == _LEN:
             size, pos = _varint(buf, pos, end)
             if pos + size > end:
                 raise OnnxParseError("truncated length-delimited field")
             value, pos = (pos, pos + size), pos + size
-        elif wire in (_I64, _I32):
+        elif wire == _I64 or wire == _I32:
             pos += 8 if wire == _I64 else 4
             value = None
         else:

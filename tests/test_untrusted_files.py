@@ -27,7 +27,8 @@ from _runtime_bundles import build_bundle, tone  # noqa: E402
 
 from clapedge.errors import BundleError  # noqa: E402
 from clapedge.runtime import Bundle, Runtime  # noqa: E402
-from clapedge.runtime.manifest import (MAX_MANIFEST_BYTES, read_manifest, sha256_file,  # noqa: E402
+from clapedge.runtime.manifest import (FORMAT_VERSION, MAX_MANIFEST_BYTES, read_manifest,  # noqa: E402
+                                       sha256_file,
                                        write_manifest)
 from clapedge.runtime.onnx_external import MAX_GRAPH_DEPTH, OnnxParseError, scan_model  # noqa: E402
 
@@ -374,7 +375,7 @@ def test_sizes_are_optional_and_a_1_0_manifest_loads(bundle_dir):
     m = read_manifest(bundle_dir)
     assert m.towers.audio.size is None and m.with_sizes(bundle_dir).towers.audio.size == \
         (bundle_dir / "audio.onnx").stat().st_size
-    assert m.with_sizes(bundle_dir).format_version == "1.1"
+    assert m.with_sizes(bundle_dir).format_version == FORMAT_VERSION
 
 
 def test_oversized_bank_refused_without_a_declared_size(bundle_dir):
