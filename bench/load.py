@@ -417,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc", type=Path, default=None,
                     help="write the 'load' section of this markdown file")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--save", type=Path, default=None,
+                    help="write the summary and every RSS sample as JSON")
     args = ap.parse_args(argv)
 
     from clapedge.bench.report import ROOT, machine_line, write_section
@@ -437,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_load(rt, pool, plans, sample_s=args.sample_s, progress=progress)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
+    if args.save:
+        args.save.write_text(json.dumps({**result.to_dict(), "samples": result.samples}))
     title = (f"{args.threads} threads x {args.calls:,} calls, one Runtime "
              f"({args.bundle.name}); {machine.split(',')[0]}")
     if args.plot:
