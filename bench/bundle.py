@@ -1,0 +1,239 @@
+"""Bundle size and load time of the default model's fp32 and INT8 bundles.
+
+    python -m clapedge.bench.bundle [--loads 7]
+
+Sizes: every file of each bundle on disk. Load: each measurement is a fresh Python process
+(median of ``--loads``), so imports and session creation are paid every time; the files sit
+in the OS page cache (a first load after boot also reads them from storage). Measured in the
+child process:
+
+- import: ``import clapedge.runtime``;
+- load: ``Bundle.load(path)`` (manifest, checksums, the audio tower's session: what
+  ``Runtime(path)`` does before the first call);
+- all towers: load, then the text and tagger sessions too (``Bundle.tower``);
+- all towers, warm cache: the same with ``cache_dir`` holding the checksum record and the
+  optimised graphs from an earlier load;
+- first tag: ``Runtime(path).tag(2 s of audio)`` from nothing but the import;
+- peak RSS of the process after all towers are loaded.
+
+Writes the ``bundle`` section of docs/benchmarks.md and docs/plots/bundle.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from clapedge.bench.default_bundles import ROOT, default_bundles
+
+PLOT = ROOT / "docs" / "plots" / "bundle.png"
+
+CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+import numpy as np
+import clapedge.runtime as r
+t_import = time.perf_counter() - t0
+path, mode, cache = sys.argv[1], sys.argv[2], sys.argv[3] or None
+out = {"import": t_import}
+if mode == "tag":
+    t = time.perf_counter()
+    rt = r.Runtime(path, cache_dir=cache)
+    rt.tag((0.01 * np.sin(np.arange(32000) / 7.0)).astype(np.float32), sample_rate=16000)
+    out["first_tag"] = time.perf_counter() - t
+else:
+    t = time.perf_counter()
+    b = r.Bundle.load(path, cache_dir=cache)
+    out["load"] = time.perf_counter() - t
+    for role in ("text", "tagger"):
+        if b.has_tower(role):
+            b.tower(role)
+    out["all_towers"] = time.perf_counter() - t
+out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(out))
+"""
+
+
+def file_sizes(bundle: Path) -> dict[str, int]:
+    """Bytes per part: audio, text, tagger, tokenizer, banks, other (manifest, report...)."""
+    parts = {"audio.onnx": 0, "text.onnx": 0, "tagger.onnx": 0, "tokenizer.json": 0,
+             "banks": 0, "other": 0}
+    for f in sorted(p for p in bundle.rglob("*") if p.is_file()):
+        rel = f.relative_to(bundle)
+        key = rel.parts[0] if rel.parts[0] in parts else "other"
+        parts[key] += f.stat().st_size
+    return parts
+
+
+def child(path: Path, mode: str, cache: str = "") -> dict:
+    done = subprocess.run([sys.executable, "-c", CHILD, str(path), mode, cache], cwd=ROOT,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if done.returncode != 0:
+        raise SystemExit(f"loading {path} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(path: Path, loads: int) -> dict[str, float]:
+    child(path, "load")  # page cache warm-up, not counted
+    cold = [child(path, "load") for _ in range(loads)]
+    with tempfile.TemporaryDirectory(prefix="clapedge-bench-cache-") as cache:
+        child(path, "load", cache)  # fills the cache
+        warm = [child(path, "load", cache) for _ in range(loads)]
+    tags = [child(path, "tag") for _ in range(loads)]
+    med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
+    return {"import": med(cold, "import"), "load": med(cold, "load"),
+            "all_towers": med(cold, "all_towers"), "all_towers_cached": med(warm, "all_towers"),
+            "first_tag": med(tags, "first_tag"), "rss_mb": med(cold, "rss_mb")}
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:.1f}" if n >= 1e5 else f"{n / 1e6:.3f}"
+
+
+def largest_float(model_path: Path) -> str:
+    """A sentence on the largest float initializer of an (INT8) ONNX file."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    floats = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT]
+    if not floats:
+        return ""
+    big = max(floats, key=lambda t: len(t.raw_data) or 4 * max(1, len(t.float_data)))
+    nbytes = len(big.raw_data) or 4 * len(big.float_data)
+    total = model_path.stat().st_size
+    return (f"In the INT8 `{model_path.name}`, the largest tensor is the float "
+            f"`{big.name}` {list(big.dims)} ({nbytes / 1e6:.1f} MB, "
+            f"{100 * nbytes / total:.0f} % of the file): a "
+            f"{helper.tensor_dtype_to_np_dtype(big.data_type)} table that INT8 export "
+            "does not quantize.")
+
+
+def plot(sizes: dict[str, dict[str, int]], times: dict[str, dict[str, float]],
+         path: Path, subtitle: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(sizes)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    bottom = np.zeros(len(names))
+    # Light colours for the files, and the accuracy plot's fp32 blue / INT8 red for bundles.
+    colours = {"audio.onnx": "#17becf", "text.onnx": "#ffbb78", "tagger.onnx": "#98df8a",
+               "tokenizer.json": "#c5b0d5", "banks": "#8c564b", "other": "#7f7f7f"}
+    bundle_colours = {"fp32": "#1f77b4", "INT8": "#d62728"}
+    for part, colour in colours.items():
+        values = np.array([sizes[n][part] / 1e6 for n in names])
+        if values.sum() == 0:
+            continue
+        left.bar(names, values, bottom=bottom, label=part, color=colour, width=0.55)
+        bottom += values
+    for i, total in enumerate(bottom):
+        left.text(i, total, f"{total:.0f} MB", ha="center", va="bottom", fontsize=9)
+    left.set_ylabel("size on disk (MB)")
+    left.set_title("bundle size by file", fontsize=10)
+    left.set_ylim(0, bottom.max() * 1.15)
+    left.legend(fontsize=8, loc="upper right")
+    keys = [("load", "Bundle.load\n(audio tower)"), ("all_towers", "all towers"),
+            ("all_towers_cached", "all towers,\nwarm cache_dir"), ("first_tag", "first tag")]
+    x = np.arange(len(keys))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [1e3 * times[name][k] for k, _ in keys]
+        bars = right.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=name,
+                         color=bundle_colours.get(name))
+        right.bar_label(bars, fmt="%.0f", fontsize=8)
+    right.set_xticks(x, [label for _, label in keys], fontsize=9)
+    right.set_ylabel("ms (median of fresh processes)")
+    right.set_title("load time, after `import clapedge.runtime`", fontsize=10)
+    right.legend(fontsize=8)
+    right.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(subtitle, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from importlib.metadata import version
+
+    import onnxruntime
+
+    from clapedge.bench.report import machine_line, write_section
+
+    ap = argparse.ArgumentParser(prog="python -m clapedge.bench.bundle",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--loads", type=int, default=7, help="fresh processes per measurement")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+    machine = machine_line()
+    bundles = default_bundles()
+    paths = {"fp32": bundles.fp32, "INT8": bundles.int8}
+    sizes = {name: file_sizes(p) for name, p in paths.items()}
+    times = {}
+    for name, p in paths.items():
+        print(f"loading the {name} bundle {args.loads} x 4 times in fresh processes ...", flush=True)
+        times[name] = measure(p, args.loads)
+    total = {n: sum(s.values()) for n, s in sizes.items()}
+    lines = [
+        "## Bundle size and load time",
+        "",
+        f"Command: `python -m clapedge.bench.bundle{' ' + shlex.join(argv) if argv else ''}`; "
+        "the bundles: `" + "` and `".join(bundles.commands[p] for p in ("fp32", "int8")) + "`.",
+        "",
+        f"Machine: {machine}. Versions: clapedge {version('clapedge')}, onnxruntime "
+        f"{onnxruntime.__version__}, Python {sys.version.split()[0]}.",
+        "",
+        "| file (MB) | " + " | ".join(paths) + " |",
+        "|---|" + "---:|" * len(paths),
+    ]
+    for part in next(iter(sizes.values())):
+        if any(s[part] for s in sizes.values()):
+            lines.append(f"| {part} | " + " | ".join(mb(sizes[n][part]) for n in paths) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{mb(total[n])}**" for n in paths) + " |")
+    lines += [
+        "",
+        f"The INT8 bundle is {total['fp32'] / total['INT8']:.1f}x smaller in all; the largest "
+        "file: " + ", ".join(f"{n} {max(s, key=s.get)} ({100 * max(s.values()) / total[n]:.0f} %)"
+                             for n, s in sizes.items())
+        + " (the default model's text tower is MiniLM, 22.7M parameters; its audio tower has "
+        f"4.9M, see docs/models.md). {largest_float(bundles.int8 / 'text.onnx')}"
+        + (" `tagger.onnx` carries its own copy of the audio tower's weights (the fused "
+           "tagger graph), so the audio weights are stored twice."
+           if sizes["INT8"]["tagger.onnx"] > 0.9 * sizes["INT8"]["audio.onnx"] else ""),
+        "",
+        f"Load times: median of {args.loads} fresh processes each (files in the page cache; "
+        "see the bench's docstring for what each column includes). `cache_dir` keeps the "
+        "record of verified checksums and ONNX Runtime's optimised graphs.",
+        "",
+        "| bundle | import | Bundle.load (audio tower) | all towers | all towers, warm cache_dir "
+        "| first tag (load + 2 s clip) | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, t in times.items():
+        lines.append(f"| {n} | {1e3 * t['import']:.0f} ms | {1e3 * t['load']:.0f} ms | "
+                     f"{1e3 * t['all_towers']:.0f} ms | {1e3 * t['all_towers_cached']:.0f} ms | "
+                     f"{1e3 * t['first_tag']:.0f} ms | {t['rss_mb']:.0f} MB |")
+    lines += ["", "![bundle size and load time](plots/bundle.png)"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        write_section("bundle", text)
+        plot(sizes, times, PLOT, f"models/default bundles; {machine.split(';')[0]}")
+        print(f"wrote docs/benchmarks.md (bundle) and {PLOT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The fp32 and INT8 bundles of ``models/default`` that the accuracy and bundle benchmarks
+measure, exported with ``clap-export`` as a user would and cached under ``build/bench/``
+(keyed by the model's weights, so a retrained model is exported again).
+
+The INT8 export's accuracy budget (``--max-drop``) is checked on the corpus's *validation*
+split (``--eval`` with a manifest of those rows), so that the test split, on which the
+accuracy benchmark reports, played no part in choosing what stays float.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from clapedge.runtime.manifest import sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = Path("models/default")
+CORPUS = Path("data/corpus-default")
+WORK = Path("build/bench")
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class DefaultBundles:
+    fp32: Path
+    int8: Path
+    commands: dict[str, str]   # precision -> the exact clap-export command (run in ROOT)
+    key: str                   # first 12 hex digits of the weights' sha256
+
+
+def _rel(path: Path) -> str:
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def val_manifest(corpus: Path, out: Path) -> Path:
+    """A manifest of the corpus's val rows with absolute paths (written atomically)."""
+    rows = []
+    for line in (corpus / "manifest.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if row.get("split") == "val":
+            row["path"] = str((corpus / row["path"]).resolve())
+            rows.append(json.dumps(row, sort_keys=True))
+    if not rows:
+        raise SystemExit(f"{corpus}/manifest.jsonl has no val rows")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(rows) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def ensure_corpus(corpus: Path) -> None:
+    if (ROOT / corpus / "manifest.jsonl").is_file():
+        return
+    cmd = [str(BIN / "clap-corpus"), str(corpus), "--size", "default", "--seed", "0"]
+    print(f"$ {shlex.join(['clap-corpus', *cmd[1:]])}   (no corpus yet; takes a while)", flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def default_bundles(model: Path = MODEL, corpus: Path = CORPUS, work: Path = WORK,
+                    *, rebuild: bool = False) -> DefaultBundles:
+    """Exports (or reuses) ``work/default-<key>-{fp32,int8}``."""
+    weights = ROOT / model / "model.safetensors"
+    if not weights.is_file():
+        raise SystemExit(f"{weights} not found: the benchmarks measure the trained default "
+                         f"model (see docs/default-model.md)")
+    ensure_corpus(corpus)
+    key = sha256_file(weights)[:12]
+    val = val_manifest(ROOT / corpus, ROOT / work / f"{Path(corpus).name}-val.jsonl")
+    out = {p: work / f"default-{key}-{p}" for p in ("fp32", "int8")}
+    args = {
+        "fp32": ["--fp32"],
+        "int8": ["--int8", "--calib", str(corpus), "--eval", _rel(val)],
+    }
+    commands = {}
+    for precision, extra in args.items():
+        cmd = ["clap-export", str(model), "-o", str(out[precision]), *extra]
+        commands[precision] = shlex.join(cmd)
+        target = ROOT / out[precision]
+        if (target / "manifest.json").is_file() and not rebuild:
+            continue
+        if target.exists():
+            shutil.rmtree(target)
+        print(f"$ {commands[precision]}", flush=True)
+        subprocess.run([str(BIN / cmd[0]), *cmd[1:]], cwd=ROOT, check=True)
+    return DefaultBundles(ROOT / out["fp32"], ROOT / out["int8"], commands, key)
+
+
+if __name__ == "__main__":
+    b = default_bundles(rebuild="--rebuild" in sys.argv)
+    print(b)
