@@ -173,7 +173,7 @@ def write_run_section(text: str) -> None:
         tmp = BENCHMARKS.with_suffix(".md.tmp")
         tmp.write_text(f"{head}\n\n{begin}\n<!-- bench:run:end -->\n{rest}")
         os.replace(tmp, BENCHMARKS)
-    write_section("run", text)
+    write_section("run", text, BENCHMARKS)
 
 
 def main(argv: list[str] | None = None) -> int:
