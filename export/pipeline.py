@@ -32,7 +32,7 @@ import torch
 from clapedge.calib.readers import CalibItem, decode_items, read_source
 from clapedge.calib.sampling import class_balanced, length_buckets
 from clapedge.errors import ClapEdgeError, ConfigError
-from clapedge.export import graph, quantize
+from clapedge.export import graph, quantize, stream_split
 from clapedge.export.banks import BankSource, builtin_banks, encode_bank, read_bank_file
 from clapedge.export.errors import AccuracyBudgetError, ExportError
 from clapedge.export.onnx_export import AxisSpec, export_module
@@ -72,6 +72,7 @@ class ExportOptions:
     front_end: str = "rowwise"  # conv front end GEMMs: rowwise | static | float
     force: bool = False
     seed: int = 0
+    stream_split: bool = True  # also write the streaming split (export/stream_split.py)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16", "int8"):
@@ -106,6 +107,7 @@ class ExportReport:
     quality: dict = field(default_factory=dict)
     sizes: dict = field(default_factory=dict)
     latency_ms: dict = field(default_factory=dict)
+    stream: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -438,12 +440,19 @@ class _Exporter:
             self.report.sizes = {"audio_fp32_mb": _mb(audio32), "audio_mb": _mb(audio),
                                  "text_fp32_mb": _mb(text32), "text_mb": _mb(text)}
             self.report.latency_ms = self.latencies(audio32, audio, sr)
+            split = None
+            if opts.stream_split:
+                with self.step("split the audio tower for streaming"):
+                    split = stream_split.try_split(audio, work, model, sr)
+                    self.report.stream = split.record() if split is not None else {}
             with self.step("write bundle"):
                 staged = tmp / "bundle"
                 text_precision = "fp32" if text == text32 else opts.precision
                 self.write_bundle(staged, model, audio, text, (opts.precision, text_precision),
                                   banks, tagger,
                                   tagger_bank)
+                if split is not None:
+                    stream_split.record_in_bundle(staged, split)
                 (staged / "export_report.json").write_text(
                     json.dumps(self.report.to_dict(), indent=2, sort_keys=True) + "\n")
                 _fsync_tree(staged)

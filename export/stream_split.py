@@ -304,6 +304,26 @@ def choose_boundary(graph: _Graph, frames: list[str], local: dict[str, bool]) ->
 
 # --------------------------------------------------------------------------- extraction
 
+def _free_name(model: onnx.ModelProto, name: str) -> str | None:
+    """Renames a tensor called ``name`` (the cut's new name) out of the way; returns the
+    name it got."""
+    g = model.graph
+    taken = ({o for n in g.node for o in n.output} | {t.name for t in g.initializer}
+             | {i.name for i in g.input})
+    if name not in taken:
+        return None
+    new = next(f"{name}_{k}" for k in range(1, 1 << 20) if f"{name}_{k}" not in taken)
+    for node in g.node:
+        for field in (node.input, node.output):
+            for k, x in enumerate(field):
+                if x == name:
+                    field[k] = new
+    for t in list(g.initializer) + list(g.value_info) + list(g.input) + list(g.output):
+        if t.name == name:
+            t.name = new
+    return new
+
+
 def _tensor_info(name: str, dtype: int, shape) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, list(shape))
 
@@ -335,9 +355,16 @@ def split_audio_graph(audio: Path, out_dir: Path, geometry: FrameGeometry,
     """Cuts ``audio`` (the final audio tower) into ``out_dir/audio_frontend.onnx`` and
     ``out_dir/audio_encoder.onnx`` and checks them against it (module docstring)."""
     model = onnx.load(str(audio))
+    moved = _free_name(model, mf.FRAMES)
     graph = _Graph(model)
     seps = graph.separators()
-    frames, local, _ = _frame_tensors(graph, seps, geometry, sample_rate)
+    try:
+        frames, local, _ = _frame_tensors(graph, seps, geometry, sample_rate)
+    except Exception as e:  # onnxruntime's own error types
+        if isinstance(e, SplitError):
+            raise
+        raise SplitError(f"{audio}: the audio graph fails on probe input of the frame "
+                         f"geometry {geometry}: {e}") from None
     boundary, frames_local = choose_boundary(graph, frames, local)
     front = graph.front_nodes(boundary)
     back = graph.closure(graph.outputs, {boundary})
@@ -403,7 +430,9 @@ def split_audio_graph(audio: Path, out_dir: Path, geometry: FrameGeometry,
     onnx.save_model(encoder, str(back_path))
     exact, error = verify_split(audio, front_path, back_path, geometry, sample_rate,
                                 front_mask, back_mask)
-    result = SplitResult(front_path, back_path, boundary, channels, dtype,
+    result = SplitResult(front_path, back_path,
+                         mf.FRAMES if moved is not None and boundary == moved else boundary,
+                         channels, dtype,
                          exact and frames_local, frames_local, error, geometry, back_mask,
                          front_mask)
     log.info("stream split at %s (%d channels): frames %s, reuse %s (max abs error %.3g)",
@@ -436,7 +465,7 @@ def verify_split(audio: Path, frontend: Path, encoder: Path, geometry: FrameGeom
 
     cache = run_front(wave[:geometry.span(window_frames)])
     exact, worst = True, 0.0
-    window = geometry.span(window_frames) + geometry.stride - 1  # the longest with F frames
+    window = geometry.span(window_frames)
     for h in range(hops + 1):
         start = h * hop_frames * geometry.stride
         if h:
@@ -484,6 +513,17 @@ def stream_spec(folder: Path, result: SplitResult, precision: str,
                          max_abs_error=result.max_abs_error)
 
 
+def record_in_bundle(folder: Path, result: SplitResult) -> mf.Manifest:
+    """Copies the halves into the bundle ``folder`` and records them in its manifest
+    (rewritten atomically, with file sizes)."""
+    manifest = mf.read_manifest(folder)
+    manifest.stream = stream_spec(folder, result, manifest.towers.audio.precision,
+                                  manifest.towers.audio)
+    manifest = manifest.with_sizes(folder)
+    mf.write_manifest(folder, manifest)
+    return manifest
+
+
 def add_to_bundle(folder: Path, geometry: FrameGeometry, work: Path | None = None
                   ) -> SplitResult:
     """Splits the bundle's audio tower and records the halves in its manifest (rewritten
@@ -501,9 +541,7 @@ def add_to_bundle(folder: Path, geometry: FrameGeometry, work: Path | None = Non
     try:
         with tempfile.TemporaryDirectory(prefix=".stream-split-", dir=work or folder) as tmp:
             result = split_audio_graph(audio, Path(tmp), geometry, manifest.sample_rate)
-            manifest.stream = stream_spec(folder, result, manifest.towers.audio.precision,
-                                          manifest.towers.audio)
-        mf.write_manifest(folder, manifest.with_sizes(folder))
+            record_in_bundle(folder, result)
         committed = True
     finally:
         if not committed:  # the old manifest stands: remove the files it does not name

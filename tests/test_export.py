@@ -127,6 +127,38 @@ def test_int8_bundle_runs_and_tagger_agrees(int8_bundle):
     assert json.loads((out / "export_report.json").read_text())["precision"] == "int8"
 
 
+def test_bundles_carry_the_streaming_split(int8_bundle, fp32_bundle):
+    """The LayerNorm front end (default preset, INT8) splits exactly and a stream over it
+    gives the offline windows bit for bit; the GroupNorm one (gemo-clap) is split but marked
+    inexact, so streams encode full windows (tests/test_stream_split.py has the rest)."""
+    from clapedge.runtime.audio import frame_windows
+    from clapedge.runtime.manifest import read_manifest
+
+    out, report = int8_bundle
+    m = read_manifest(out)
+    assert m.stream.exact and m.stream.max_abs_error == 0.0 and report.stream["frames_local"]
+    assert (m.stream.frame_stride, m.stream.receptive_field) == (320, 400)
+    assert m.stream.frontend.precision == "int8" and m.stream.frontend.size > 0
+    rt = Runtime(out, threads=2)
+    x = np.concatenate([_clip(1.7, 5), np.zeros(3000, np.float32), _clip(2.0, 6)])
+    s = rt.create_stream(window_s=2.0, hop_s=0.5, banks=[])
+    for start in range(0, len(x), 3001):
+        s.accept_waveform(16000, x[start:start + 3001])
+        while rt.is_ready(s):
+            rt.decode(s)
+    s.input_finished()
+    while rt.is_ready(s):
+        rt.decode(s)
+    events, spans = s.results(), frame_windows(len(x), 32000, 8000)
+    assert s.frames.reused > 0 and len(events) == len(spans)
+    for event, (a, b) in zip(events, spans):
+        assert event.embedding.tobytes() == rt.embed_audio((x[a:b], 16000))[0].tobytes()
+    m = read_manifest(fp32_bundle[0])
+    assert m.stream is not None and not m.stream.exact
+    assert "head_gender" in {o.name for o in m.stream.encoder.outputs}
+    assert Runtime(fp32_bundle[0]).create_stream().plan is None
+
+
 def test_plan_on_a_generated_graph():
     from onnx import TensorProto, helper, numpy_helper
 
