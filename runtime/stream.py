@@ -238,26 +238,32 @@ class AudioStream:
         """An upper bound of the stream's length (at the bundle's rate) once ``n_in`` more
         input samples are resampled: soxr's total output never exceeds the exact ratio."""
         total_in = self._in_samples + n_in
+        if self._in_rate == self.rate:
+            return total_in
         return max(self._total, math.ceil(total_in * self.rate / self._in_rate) + 1)
 
     def _wait_for_room(self, n_in: int, timeout: float | None) -> None:
         chunk = self._bound_after(n_in) - self._total
-        if chunk > self.max_buffer - (self.window + self.hop):
-            raise AudioError(f"stream: a chunk of {chunk / self.rate:.1f} s cannot fit in "
-                             f"max_buffer_s={self.config.max_buffer_s} beside one window and "
-                             f"hop; feed smaller chunks")
+        if chunk > self.max_buffer:
+            raise AudioError(f"stream: a chunk of {chunk / self.rate:.1f} s is longer than "
+                             f"max_buffer_s={self.config.max_buffer_s}; feed smaller chunks")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             pending = self._bound_after(n_in) - self._buf_start
             if pending <= self.max_buffer:
                 return
-            left = 0.0 if deadline is None else deadline - time.monotonic()
+            # Nothing to decode: no decoder can make room until more audio comes.
+            stuck = self._next_span() is None
+            left = 0.0 if deadline is None or stuck else deadline - time.monotonic()
             if left <= 0:
-                waited = "" if timeout is None else f" (waited {timeout:g} s)"
+                waited = "" if timeout is None or stuck else f" (waited {timeout:g} s)"
+                hint = (f"feed chunks of at most max_buffer_s - window_s - hop_s = "
+                        f"{(self.max_buffer - self.window - self.hop) / self.rate:g} s"
+                        if stuck else "call decode while feeding")
                 raise AudioError(f"stream: {pending / self.rate:.1f} s of audio would be "
                                  f"waiting, more than max_buffer_s={self.config.max_buffer_s}"
-                                 f"{waited}; call decode while feeding (the chunk was not "
-                                 f"consumed: feed it again)")
+                                 f"{waited}; {hint} (the chunk was not consumed: feed it "
+                                 f"again)")
             self._room.wait(left)
 
     def input_finished(self) -> None:

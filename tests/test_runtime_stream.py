@@ -120,3 +120,95 @@ def test_bad_stream_input(rt):
         rt.create_stream(banks=["pitch"])
     event = rt.decode(s)
     assert event.to_dict()["start_s"] == 0.0 and event.to_dict()["end_s"] == 0.1
+
+
+def test_refused_chunk_is_not_consumed_and_can_be_fed_again(rt):
+    # At 48 kHz the chunk goes through the resampler: a refusal must come before it.
+    x48 = tone(6.0, 48000, seed=8)
+    s = rt.create_stream(window_s=1.0, hop_s=0.5, banks=[], max_buffer_s=2.0)
+    refusals, pos, chunk = 0, 0, 4800
+    while pos < len(x48):
+        try:
+            s.accept_waveform(48000, x48[pos:pos + chunk])
+        except AudioError as e:
+            assert "max_buffer_s=2.0" in str(e) and "not consumed" in str(e)
+            assert s.buffered_seconds <= 2.0
+            refusals += 1
+            while rt.is_ready(s):
+                rt.decode(s)
+            continue  # the same chunk again
+        pos += chunk
+        if pos % (5 * chunk) == 0:  # decode only now and then: the buffer fills up
+            while rt.is_ready(s):
+                rt.decode(s)
+    s.input_finished()
+    while rt.is_ready(s):
+        rt.decode(s)
+    offline = rt.load_audio(x48, 48000)
+    spans = frame_windows(len(offline), RATE, RATE // 2)
+    events = s.results()
+    assert refusals > 0 and len(events) == len(spans)
+    for event, (a, b) in zip(events, spans):
+        assert event.embedding.tobytes() == rt.embed_audio(offline[a:b], RATE)[0].tobytes()
+
+
+def test_accept_with_timeout_waits_for_a_decoder_thread(rt):
+    import threading
+    import time
+
+    x = tone(8.0, seed=9)
+    s = rt.create_stream(window_s=1.0, hop_s=0.5, banks=[], max_buffer_s=2.0)
+    peak, done = [0.0], threading.Event()
+
+    def consumer():
+        while not done.is_set() or rt.is_ready(s):
+            if not rt.decode(s):
+                time.sleep(0.002)
+            time.sleep(0.003)  # a slow consumer
+            peak[0] = max(peak[0], s.buffered_seconds)
+
+    worker = threading.Thread(target=consumer)
+    worker.start()
+    try:
+        for pos in range(0, len(x), 3200):  # fed as fast as the stream allows
+            s.accept_waveform(RATE, x[pos:pos + 3200], timeout=10.0)
+        s.input_finished()
+    finally:
+        done.set()
+        worker.join()
+    assert len(s.results()) == len(frame_windows(len(x), RATE, RATE // 2))
+    assert peak[0] <= 2.0
+    lone = rt.create_stream(window_s=1.0, hop_s=0.5, max_buffer_s=2.0)
+    lone.accept_waveform(RATE, x[:RATE])
+    lone.accept_waveform(RATE, x[RATE:2 * RATE])
+    t0 = time.monotonic()
+    with pytest.raises(AudioError, match=r"waited 0.2 s"):
+        lone.accept_waveform(RATE, x[2 * RATE:2 * RATE + 1600], timeout=0.2)
+    assert time.monotonic() - t0 >= 0.2
+    with pytest.raises(AudioError, match="call decode while feeding"):
+        lone.accept_waveform(RATE, x[:RATE])
+    with pytest.raises(AudioError, match="longer than max_buffer_s=2.0"):
+        lone.accept_waveform(RATE, x[:int(2.5 * RATE)], timeout=5)
+
+
+def test_undrained_events_are_bounded(rt):
+    s = rt.create_stream(window_s=1.0, hop_s=0.5, banks=[], max_events=3)
+    x = tone(5.0, seed=10)
+    returned = []
+    for pos in range(0, len(x), 4000):
+        s.accept_waveform(RATE, x[pos:pos + 4000])
+        while rt.is_ready(s):
+            returned.append(rt.decode(s))
+    assert s.pending_events == 3 and s.dropped_events == len(returned) - 3
+    kept = s.results()
+    assert [e.start_s for e in kept] == [e.start_s for e in returned[-3:]]
+    assert s.pending_events == 0
+
+
+def test_stream_options_are_validated(rt):
+    with pytest.raises(ConfigError, match="reuse='maybe'"):
+        rt.create_stream(reuse="maybe")
+    with pytest.raises(ConfigError, match="max_events=0"):
+        rt.create_stream(max_events=0)
+    with pytest.raises(ConfigError, match="timeout"):
+        rt.create_stream().accept_waveform(RATE, tone(0.1), timeout=-1)
