@@ -22,6 +22,7 @@ gallery costs nothing and the OS pages it in as the kernel scans it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zlib
@@ -307,14 +308,26 @@ class Gallery:
                 header = json.loads(f.read(hlen).decode())
         except OSError as e:
             raise GalleryFileError(f"cannot read gallery {path}: {e}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise GalleryFileError(f"{path}: the gallery header is corrupt") from None
         dtype, n, dim = header["dtype"], int(header["n"]), int(header["dim"])
+        rerank_dtype = header.get("rerank_dtype")
+        if dtype not in DTYPES or rerank_dtype not in (None, "float32", "fp16"):
+            raise GalleryFileError(f"{path}: the gallery header names dtype {dtype!r}, "
+                                   f"rerank_dtype {rerank_dtype!r}; the file is corrupt")
         arrays = {}
         for name, e in header["arrays"].items():
             if e["offset"] + e["nbytes"] > size:
                 raise GalleryFileError(f"{path} is truncated (array {name!r} runs past the end)")
             shape, adt = tuple(e["shape"]), np.dtype(e["dtype"])
+            # each array has one dtype (a hostile header could ask for object or void
+            # elements, which the kernel must never see) and exactly its bytes
+            want = _array_dtype(name, dtype, rerank_dtype)
+            if want is None or adt != want or any(not isinstance(d, int) or d < 0
+                                                  for d in shape) \
+                    or math.prod(shape) * adt.itemsize != e["nbytes"]:
+                raise GalleryFileError(f"{path}: array {name!r} is {e['dtype']} {list(shape)} "
+                                       f"in {e['nbytes']} bytes; the gallery header is corrupt")
             if e["nbytes"] == 0:
                 arr = np.empty(shape, dtype=adt)
             elif mmap:
@@ -326,7 +339,7 @@ class Gallery:
                 raise GalleryFileError(f"{path}: array {name!r} fails its checksum (corrupt file)")
             arrays[name] = arr
         g = cls.__new__(cls)
-        g._init(dtype, n, dim, arrays, header.get("rerank_dtype"))
+        g._init(dtype, n, dim, arrays, rerank_dtype)
         g._check_shapes(path)
         return g
 
@@ -343,6 +356,16 @@ class Gallery:
                 continue
             if name not in a or a[name].size != size:
                 raise GalleryFileError(f"{where}: array {name!r} does not match {n} x {dim}")
+
+
+def _array_dtype(name: str, dtype: str, rerank_dtype: str | None) -> np.dtype | None:
+    """The element type a saved array must have (None: not an array of this gallery)."""
+    fp = {"float32": np.dtype("<f4"), "fp16": np.dtype("<f2")}
+    return {"codes": np.dtype("i1") if dtype == "int8" else None,
+            "scales": np.dtype("<f4") if dtype == "int8" else None,
+            "corrections": np.dtype("<i4") if dtype == "int8" else None,
+            "vectors": fp.get(dtype),
+            "rerank": fp.get(rerank_dtype) if rerank_dtype else None}.get(name)
 
 
 def _check_dtype(dtype: str, what: str) -> str:

@@ -22,7 +22,8 @@ Arrays go through the same block path, so a file and the same samples as an arra
 same signal.
 
 Validation. No samples (also: none left after resampling) -> ``AudioError``; a NaN or Inf
-sample -> ``AudioError`` naming the time of the first one. Silence is valid input.
+sample, or one beyond ``MAX_ABS_SAMPLE`` (it would overflow when mixed or resampled) ->
+``AudioError`` naming the time of the first one. Silence is valid input.
 
 Clip policy (``ClipPolicy`` in the manifest; ``segment`` below): shorter than
 ``min_seconds`` -> zero-padded at the end to ``min_seconds``, the padding counted as
@@ -52,6 +53,7 @@ BLOCK_FRAMES = 1 << 16
 BLOCK_SAMPLES = 1 << 18
 MAX_CHANNELS = 64
 MIN_RATE, MAX_RATE = 1000, 768_000
+MAX_ABS_SAMPLE = 1e6
 _INT_SCALE = {np.dtype(np.int16): 1.0 / 32768.0, np.dtype(np.int32): 1.0 / 2147483648.0}
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 READABLE = "WAV, FLAC, OGG (Vorbis/Opus), MP3 and the other formats libsndfile reads"
@@ -171,11 +173,20 @@ class _Accumulator:
 
 
 def check_finite(mono: np.ndarray, offset: int, rate: int, name: str) -> None:
-    bad = ~np.isfinite(mono)
-    if bad.any():
-        i = offset + int(np.argmax(bad))
-        raise AudioError(f"{name}: NaN or Inf sample at {i / rate:.3f} s (sample {i}); "
-                         f"the audio is corrupt")
+    """Refuse NaN and Inf samples, and samples beyond ``MAX_ABS_SAMPLE`` (float audio lies
+    in [-1, 1], a little beyond when clipped; 1e38 is corrupt data, and would overflow to
+    Inf when the channels are mixed or the signal resampled)."""
+    ok = np.abs(mono) <= MAX_ABS_SAMPLE  # False for NaN too
+    if ok.all():
+        return
+    first = int(np.argmin(ok))
+    i, value = offset + first, float(mono[first])
+    where = f"at {i / rate:.3f} s (sample {i})"
+    if not np.isfinite(value):
+        raise AudioError(f"{name}: NaN or Inf sample {where}; the audio is corrupt")
+    raise AudioError(f"{name}: sample of magnitude {abs(value):.3g} {where}; audio samples "
+                     f"lie in [-1, 1] (a little beyond when clipped), not beyond "
+                     f"{MAX_ABS_SAMPLE:g}; the audio is corrupt")
 
 
 def _mono(block: np.ndarray) -> np.ndarray:
@@ -271,7 +282,8 @@ def as_frames(array: np.ndarray, name: str) -> np.ndarray:
 
 def to_mono(frames: np.ndarray) -> np.ndarray:
     """[samples, channels] int16/int32/float -> float32 mono (integers scaled to [-1, 1))."""
-    block = frames.astype(np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range: inf, refused next
+        block = frames.astype(np.float32)
     scale = _INT_SCALE.get(frames.dtype)
     if scale is not None:
         block *= np.float32(scale)

@@ -412,6 +412,10 @@ class ModelInfo:
             _fail("name", "must be a non-empty string")
         if self.source_sha256 is not None:
             _check_sha("source_sha256", self.source_sha256)
+        try:  # like calibration and quality: a manifest that loads must write back
+            json.dumps(self.info, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            _fail("info", f"must be JSON-serialisable without NaN: {e}")
 
 
 @dataclass

@@ -58,7 +58,7 @@ _SETTLE_S = 2.0
 
 # Exceptions that a corrupt file can make the parsers raise; all become IndexCorruptError.
 _PARSE_ERRORS = (OSError, ValueError, KeyError, TypeError, struct.error, GalleryFileError,
-                 OverflowError, AttributeError)
+                 OverflowError, AttributeError, RecursionError, MemoryError)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,110 @@
+"""Fuzzing in CI: every target of ``clapedge.bench.fuzz`` for a couple of seconds (atheris
+where it is installed, hypothesis otherwise) must find nothing; the harness must report each
+kind of finding (an unexpected exception, a native crash, a hang); and every input the
+fuzzers found before the code was fixed stays fixed (regressions below).
+
+Longer runs: ``python -m clapedge.bench.fuzz --seconds 600`` (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+
+from clapedge.bench import fuzz
+from clapedge.errors import AudioError, BundleError, ConfigError
+from clapedge.runtime.index_errors import IndexCorruptError
+from clapedge.runtime.segment import MAGIC
+
+SECONDS = 2.0
+ATHERIS = fuzz.atheris_available()
+
+
+@pytest.mark.parametrize("target", fuzz.TARGETS)
+def test_target_survives_fuzzing(target, tmp_path):
+    result = fuzz.run_target(target, SECONDS, tmp_path, timeout=5, max_restarts=1)
+    report = "\n".join(f"{f.kind}: {f.signature}: {f.message} [{f.input_file}]"
+                       for f in result.findings)
+    assert not result.findings, f"{target}: fuzzing found\n{report}"
+    assert result.iterations >= 50, result
+    assert result.engine == ("atheris" if ATHERIS else "hypothesis")
+
+
+def test_hypothesis_engine_reports_an_unexpected_exception(tmp_path):
+    result = fuzz.run_target("selftest_exception", 30, tmp_path, engine="hypothesis", runs=20)
+    assert [(f.kind, f.signature.split(" at ")[0]) for f in result.findings] == \
+        [("exception", "KeyError")]
+    assert (tmp_path / "findings" / "findings.jsonl").is_file()
+    assert open(result.findings[0].input_file, "rb").read().startswith(b"X")
+
+
+@pytest.mark.skipif(not ATHERIS, reason="atheris is not installed (Linux x86-64 wheels only)")
+def test_atheris_engine_reports_exceptions_crashes_and_hangs(tmp_path):
+    crash = fuzz.run_target("selftest_crash", 5, tmp_path / "c", engine="atheris", timeout=1,
+                            max_restarts=0)
+    kinds = {f.kind: f for f in crash.findings}
+    assert set(kinds) == {"exception", "crash"}, crash.findings
+    assert kinds["exception"].signature.startswith("KeyError")
+    assert "deadly signal" in kinds["crash"].message
+    hang = fuzz.run_target("selftest_hang", 5, tmp_path / "h", engine="atheris", timeout=1,
+                           max_restarts=0)
+    assert [f.kind for f in hang.findings] == ["timeout"], hang.findings
+    assert open(hang.findings[0].input_file, "rb").read() == b"HHH"
+
+
+# ------------------------------------------------------------------ regressions
+
+def _manifest_with_nan_info() -> bytes:
+    data = json.loads(fuzz.seed_manifest())
+    data["model"]["info"] = {"note": float("nan")}
+    return b"\0" + json.dumps(data, allow_nan=True).encode()
+
+
+def _segment_with_deep_header() -> bytes:
+    blob = b"[" * 50_000 + b"]" * 50_000
+    head = MAGIC + struct.pack("<II", 1, len(blob)) + blob
+    return b"\0" + head + struct.pack("<I", zlib.crc32(head))
+
+
+def _gallery_with_void_codes(harness: fuzz.Harness) -> bytes:
+    """Mode 2 (gallery bytes edited, segment header consistent): the int8 codes array's
+    dtype "|i1" becomes "|V1" (void elements the kernel must never be handed)."""
+    _, gallery = harness._segment_seed()[0]
+    pos = gallery.index(b'"|i1"') + 2
+    return bytes([2, 0, 0, 0]) + struct.pack("<H", pos) + b"V"
+
+
+# (target, input or a function of the harness giving it, expected error, message regex,
+#  what escaped before the fix)
+REGRESSIONS = [
+    ("tokenizer", b"\1calm \xed\xa0\x80 voice", ConfigError, "not valid Unicode",
+     "TypeError from tokenizers (a lone surrogate)"),
+    ("tokenizer", b"\3\xffcalm ", ConfigError, "characters; at most 100000",
+     "1.5 GB and 17 s for a 12 M-character text"),
+    ("manifest", b"\0" + b"[" * 50_000 + b"]" * 50_000, BundleError, "nested too deeply",
+     "RecursionError"),
+    ("manifest", _manifest_with_nan_info(), BundleError, r"model: info: must be JSON",
+     "ValueError from to_json: a manifest that loads could not be written back"),
+    ("audio", b"\x01\x02\x027\x01\xff\xff\x00\xb5\x01\xfc\x00\x01sn\xff\x1da{\x99\x1e\x05\x00",
+     AudioError, "sample of magnitude 1.58e\\+38",
+     "finite float32 samples near 3e38 came out of mixing/resampling as Inf"),
+    ("segment", _segment_with_deep_header(), IndexCorruptError, "segment.bin is corrupt",
+     "RecursionError"),
+    ("segment", _gallery_with_void_codes, IndexCorruptError, r"array 'codes' is \|V1",
+     "a gallery whose codes were void elements opened, and search raised TypeError"),
+    ("onnx", b"\0" + fuzz.external_model("w.data\0/../../etc/passwd"), BundleError,
+     "contains a NUL character", "ValueError (embedded null byte) from Path.resolve"),
+]
+
+
+@pytest.mark.parametrize("target, data, error, message, before", REGRESSIONS,
+                         ids=[f"{r[0]}-{i}" for i, r in enumerate(REGRESSIONS)])
+def test_fuzz_findings_stay_fixed(tmp_path, target, data, error, message, before):
+    harness = fuzz.Harness(tmp_path)
+    if callable(data):
+        data = data(harness)
+    with pytest.raises(error, match=message):
+        harness.run(target, data)
