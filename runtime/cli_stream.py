@@ -85,16 +85,20 @@ def _print_events(rt: Runtime, stream) -> None:
               help="Channels of raw PCM on stdin.")
 @click.option("--chunk-ms", default=100.0, show_default=True,
               type=click.FloatRange(min=1, min_open=False), help="Feed size in milliseconds.")
+@click.option("--reuse", type=click.Choice(["auto", "approx", "off"]), default="auto",
+              show_default=True, help="Front-end frame reuse across overlapping windows "
+                                      "(auto: where exact; see docs/runtime.md).")
 @click.option("--providers", default="auto", show_default=True,
               help="'auto' or a comma-separated list, e.g. 'cuda,cpu'.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 def main(bundle, source, window_s, hop_s, banks, k, smooth, speed, rate, channels, chunk_ms,
-         providers, threads) -> None:
+         reuse, providers, threads) -> None:
     """Stream SOURCE (an audio file, or - for raw 16-bit PCM on stdin) through BUNDLE."""
     requested = providers if providers == "auto" else [p.strip() for p in providers.split(",")]
     try:
         rt = Runtime(bundle, providers=requested, threads=threads)
-        stream = rt.create_stream(window_s, hop_s, list(banks) or None, k=k, smooth=smooth)
+        stream = rt.create_stream(window_s, hop_s, list(banks) or None, k=k, smooth=smooth,
+                                  reuse=reuse)
     except ClapEdgeError as e:
         _fail(str(e), 2)
     if source == "-":
