@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -228,7 +229,8 @@ class RssSampler(threading.Thread):
 @dataclass
 class LoadResult:
     threads: int
-    calls: int
+    calls: int                  # calls made (the planned ones unless stopped early)
+    planned: int = 0
     checked: int = 0
     mismatches: int = 0
     max_abs_diff: float = 0.0
@@ -242,7 +244,7 @@ class LoadResult:
 
     @property
     def ok(self) -> bool:
-        return not self.errors and self.mismatches == 0 and self.checked == self.calls
+        return not self.errors and self.mismatches == 0 and self.checked == self.calls > 0
 
     def rss_at(self, fraction: float) -> int:
         """RSS at the first sample with at least ``fraction`` of the calls done."""
@@ -257,7 +259,8 @@ class LoadResult:
 
     def to_dict(self) -> dict:
         mb = 1 / 2 ** 20
-        return {"threads": self.threads, "calls": self.calls, "checked": self.checked,
+        return {"threads": self.threads, "calls": self.calls, "planned": self.planned,
+                "checked": self.checked,
                 "mismatches": self.mismatches, "max_abs_diff": self.max_abs_diff,
                 "errors": self.errors[:10], "n_errors": len(self.errors),
                 "serial_s": round(self.serial_s, 2), "concurrent_s": round(self.concurrent_s, 2),
@@ -272,13 +275,14 @@ class LoadResult:
 
 
 def run_load(rt, pool: Pool, plans: list[list[tuple[str, int]]], *,
-             sample_s: float = 1.0, progress=None) -> LoadResult:
+             sample_s: float = 1.0, progress=None, stop: threading.Event | None = None
+             ) -> LoadResult:
     """Serial reference pass over every (kind, input) pair in ``plans``, then all plans at
-    once, one thread each; every threaded result is compared with its serial one."""
+    once, one thread each; every threaded result is compared with its serial one. Setting
+    ``stop`` ends the threads after their current call (the result covers what was done)."""
+    stop = stop or threading.Event()
     result = LoadResult(threads=len(plans), calls=sum(len(p) for p in plans))
-    for plan in plans:
-        for kind, _ in plan:
-            result.counts[kind] = result.counts.get(kind, 0) + 1
+    result.planned = result.calls
     result.rss_start = rss_bytes()
     t0 = time.perf_counter()
     reference = {}
@@ -295,9 +299,11 @@ def run_load(rt, pool: Pool, plans: list[list[tuple[str, int]]], *,
     start = threading.Barrier(len(plans) + 1)
 
     def worker(t: int) -> None:
-        mismatches, worst, errors = 0, 0.0, []
+        mismatches, worst, errors, counts = 0, 0.0, [], {}
         start.wait()
         for kind, item in plans[t]:
+            if stop.is_set():
+                break
             try:
                 got = call(rt, pool, kind, item)
                 ref = reference.get((kind, item))
@@ -307,7 +313,10 @@ def run_load(rt, pool: Pool, plans: list[list[tuple[str, int]]], *,
             except Exception as e:  # noqa: BLE001 - counted and reported
                 errors.append(f"thread {t} {kind} {item}: {type(e).__name__}: {e}")
             done[t] += 1
+            counts[kind] = counts.get(kind, 0) + 1
         with lock:
+            for kind, n in counts.items():
+                result.counts[kind] = result.counts.get(kind, 0) + n
             result.checked += done[t]
             result.mismatches += mismatches
             result.max_abs_diff = max(result.max_abs_diff, worst)
@@ -322,14 +331,15 @@ def run_load(rt, pool: Pool, plans: list[list[tuple[str, int]]], *,
     sampler.start()
     start.wait()
     t0 = time.perf_counter()
-    if progress is not None:
-        while any(w.is_alive() for w in workers):
-            time.sleep(10.0)
+    while any(w.is_alive() for w in workers):
+        time.sleep(min(10.0, 10 * sample_s))
+        if progress is not None:
             progress(sum(done), result.calls, rss_bytes())
     for w in workers:
         w.join()
     result.concurrent_s = time.perf_counter() - t0
     sampler.stop()
+    result.calls = sum(done)
     result.samples = sampler.samples
     return result
 
@@ -373,8 +383,10 @@ def markdown(result: LoadResult, *, command: str, machine: str, bundle: str,
         f"Command: `{command}`  ",
         f"Bundle: `{bundle}`. Machine: {machine}.",
         "",
-        f"{result.threads} threads x {result.calls // result.threads:,} calls = "
-        f"{result.calls:,} calls on one `Runtime` ("
+        f"{result.threads} threads x {result.planned // result.threads:,} calls = "
+        f"{result.planned:,} calls on one `Runtime` ("
+        + ("" if result.calls == result.planned else
+           f"stopped by the time limit after {result.calls:,}; ")
         + ", ".join(f"{k} {v:,}" for k, v in sorted(result.counts.items()))
         + f") in {result.concurrent_s:.0f} s ({d['calls_per_s']} calls/s); serial reference "
         f"pass {result.serial_s:.0f} s. **{result.checked:,} results compared with the "
@@ -416,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, default=None, help="write the RSS curve (PNG)")
     ap.add_argument("--doc", type=Path, default=None,
                     help="write the 'load' section of this markdown file")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="stop the threads after this long (also on SIGTERM) and report "
+                    "the calls made so far")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--save", type=Path, default=None,
                     help="write the summary and every RSS sample as JSON")
@@ -436,7 +451,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {done:,}/{total:,} calls, RSS {rss / 2 ** 20:.0f} MiB", file=sys.stderr,
                   flush=True)
 
-        result = run_load(rt, pool, plans, sample_s=args.sample_s, progress=progress)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        if args.max_minutes:
+            timer = threading.Timer(60 * args.max_minutes, stop.set)
+            timer.daemon = True
+            timer.start()
+        result = run_load(rt, pool, plans, sample_s=args.sample_s, progress=progress,
+                          stop=stop)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     if args.save:

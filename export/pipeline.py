@@ -687,11 +687,13 @@ def clear_stale(target: Path) -> list[Path]:
 
 
 def _os_error_message(e: OSError, target: Path) -> str:
-    where = e.filename if e.filename is not None else target
     reason = e.strerror or str(e)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason = "no space left on device (or quota exceeded); free some space and run again"
-    return f"{target}: export failed ({where}: {reason}); {target} was not changed"
+        reason = "no space left on device (or quota exceeded)"
+    if e.filename is not None and Path(e.filename) != target:
+        reason = f"{e.filename}: {reason}"
+    hint = "; free some space and run again" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return f"{target}: export failed: {reason}; {target} was not changed{hint}"
 
 
 _RENAME_EXCHANGE = 2
