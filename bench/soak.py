@@ -9,8 +9,8 @@
    wall clock, with ``accept_waveform(timeout=...)``: if the decoder falls behind, the
    producer waits (back-pressure) and the achieved speed drops, which the report shows. A
    consumer thread decodes whenever a window is ready and drains ``results()`` every
-   second (or at 64 undrained events). A sampler records, every ``--sample-s``: RSS, the stream's buffered audio, its
-   undrained events and the frames it caches.
+   second (or at 64 undrained events). A sampler records, every ``--sample-s``: RSS, the
+   stream's buffered audio, its undrained events and the frames it caches.
 2. Slow consumer. A second stream is fed as fast as it accepts, in refuse mode
    (``accept_waveform`` without timeout: ``AudioError`` past ``max_buffer_s``; the producer
    decodes nothing itself, backs off 5 ms and feeds the same chunk again), while the

@@ -33,6 +33,7 @@ means bit-identical embeddings and head logits here.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import shutil
 import tempfile
@@ -140,7 +141,6 @@ class _Graph:
                     users[j].append(i)
         ready = [i for i, d in enumerate(indeg) if d == 0]
         order = []
-        import heapq
         heapq.heapify(ready)
         while ready:
             i = heapq.heappop(ready)
