@@ -51,8 +51,9 @@ a tower declares, so a float16 input also works, but float32 I/O is the conventi
 
 Versioning: ``format_version`` is ``"MAJOR.MINOR"`` (1.1 added the optional ``size`` of
 every file, 1.2 the optional ``stream`` split; older bundles still load). The runtime
-refuses another major version. A newer minor version may add fields: unknown keys are then ignored; with the same
-or an older minor version an unknown key is an error (it is a typo or a corrupt file).
+refuses another major version. A newer minor version may add fields: unknown keys are then
+ignored; with the same or an older minor version an unknown key is an error (it is a typo or
+a corrupt file).
 
 Construction validates every field (``ConfigError`` naming the field); reading a manifest
 file turns any problem into ``BundleError`` naming the file and the field path.
