@@ -191,11 +191,14 @@ def test_without_a_mask_only_the_raw_frames_separate(tmp_path):
 
 
 def _default_int8() -> Path | None:
+    """An INT8 bundle of models/default with a streaming split, if one is here."""
     root = Path(__file__).resolve().parents[1]
-    for candidate in (os.environ.get("CLAPEDGE_DEFAULT_INT8"), "build/default-int8",
-                      "build/demo/default-int8"):
-        if candidate and (root / candidate / "manifest.json").is_file():
-            return root / candidate
+    for candidate in (os.environ.get("CLAPEDGE_DEFAULT_INT8"), "build/bench-stream/default-int8",
+                      "build/default-int8", "build/demo/default-int8"):
+        path = root / candidate if candidate else None
+        if path is not None and (path / "manifest.json").is_file() \
+                and read_manifest(path).stream is not None:
+            return path
     return None
 
 
@@ -203,11 +206,9 @@ def _default_int8() -> Path | None:
 def test_default_model_int8_bundle_streams_bit_identical():
     bundle = _default_int8()
     if bundle is None:
-        pytest.skip("no INT8 bundle of models/default (set CLAPEDGE_DEFAULT_INT8, or run "
-                    "clap-export models/default -o build/default-int8 --int8 --calib ...)")
-    if read_manifest(bundle).stream is None:
-        pytest.skip(f"{bundle} predates the streaming split (python -m "
-                    f"clapedge.export.stream_split {bundle} adds one)")
+        pytest.skip("no INT8 bundle of models/default with a streaming split (set "
+                    "CLAPEDGE_DEFAULT_INT8, or run python -m clapedge.bench.stream --preset "
+                    "default, which exports one)")
     rt = Runtime(bundle, threads=2)
     rng = np.random.default_rng(0)
     x = np.concatenate([tone(2.3, freq=180, seed=1), np.zeros(RATE // 3, np.float32),
@@ -217,3 +218,28 @@ def test_default_model_int8_bundle_streams_bit_identical():
                            banks=banks)
     assert s.plan is not None and s.frames.reused > 0
     assert_offline(rt, x, events, 2 * RATE, RATE // 2, banks)
+
+
+def test_stream_spec_is_validated(split_bundle):
+    from clapedge.runtime.manifest import Manifest
+
+    root, _ = split_bundle
+    data = json.loads((root / "manifest.json").read_text())
+    bad = json.loads(json.dumps(data))
+    bad["stream"]["encoder"]["outputs"] = bad["stream"]["encoder"]["outputs"][:1]
+    with pytest.raises(BundleError, match="stream.encoder.outputs"):
+        Manifest.from_dict(bad, source="x/manifest.json")
+    bad = json.loads(json.dumps(data))
+    bad["stream"]["frontend"]["outputs"][0]["shape"] = ["batch", "frames", 99]
+    with pytest.raises(BundleError, match="channels"):
+        Manifest.from_dict(bad)
+    bad = json.loads(json.dumps(data))
+    bad["stream"]["frame_stride"] = 0
+    with pytest.raises(BundleError, match="frame_stride"):
+        Manifest.from_dict(bad)
+    bad = json.loads(json.dumps(data))
+    bad["stream"]["exactly"] = True  # a typo in a 1.2 manifest is an error
+    with pytest.raises(BundleError, match=r"stream: unknown keys \['exactly'\]"):
+        Manifest.from_dict(bad)
+    bad["format_version"] = "1.3"  # a newer minor's keys are ignored
+    assert Manifest.from_dict(bad).stream.exact
