@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         args.bundle_label = str(bundle)
     loads = [os.getloadavg()[0]]
-    machine = machine_line()
+    machine = machine_line().split("; load average")[0]
     rt = Runtime(bundle, threads=args.threads)
     print(f"soak: {args.hours:g} h at {args.speed:g}x on {bundle}", flush=True)
     r = soak(rt, args.hours * 3600, args.speed, sample_s=args.sample_s,
