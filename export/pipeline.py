@@ -11,6 +11,7 @@ directory renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -748,6 +749,8 @@ def export_bundle(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     """Exports ``model_dir`` (a ClapModel directory) to the bundle ``out_dir``."""
     options = options or ExportOptions(precision="fp32")
     out_dir = Path(out_dir)
+    with contextlib.suppress(OSError):  # run() reports a directory it cannot write
+        clear_stale(out_dir)  # first: it may restore a bundle a killed --force moved aside
     if out_dir.exists() and not options.force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
     return _Exporter(Path(model_dir), out_dir, options, progress).run()
