@@ -159,6 +159,15 @@ def measure(bundle: Path, repeats: int = 5, workdir: Path | None = None) -> list
                                                         for t in group]))
     if batched.rows:
         results.append(batched)
+        raw = Compare("text tower run on those batches directly (what `embed_text` avoids "
+                      "for an INT8 text tower)")
+        tok, tower = rt.bundle.tokenizer(), rt.bundle.tower("text")
+        for group in by_len.values():
+            if len(group) > 1:
+                ids, mask = tok.pad_batch(tok.encode(group))
+                out = tower.run({"input_ids": ids, "attention_mask": mask}, ["embedding"])
+                raw.add(out["embedding"], np.stack([ref_text[TEXTS.index(t)] for t in group]))
+        results.append(raw)
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         a1, t1 = in_subprocess(bundle, Path(tmp) / "p1")
