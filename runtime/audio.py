@@ -190,7 +190,10 @@ def check_finite(mono: np.ndarray, offset: int, rate: int, name: str) -> None:
 
 
 def _mono(block: np.ndarray) -> np.ndarray:
-    return block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
+    if block.shape[1] == 1:
+        return block[:, 0]
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf: refused by check_finite
+        return block.mean(axis=1, dtype=np.float32)
 
 
 def read_blocks(path: str | os.PathLike, block_frames: int = BLOCK_FRAMES):

@@ -153,6 +153,10 @@ CASES: dict[str, Case] = {
     "float64 WAV with -Inf": Case(_file("inf64.wav", _with_nan(-np.inf, "DOUBLE")),
                                   r"inf64\.wav: NaN or Inf sample at 0\.500 s",
                                   "AudioError: NaN or Inf sample at (time)"),
+    "float32 WAV with samples near 1e38": Case(_file("huge.wav", lambda: _wav(
+        (tone(1.0) * np.float32(1e38)).astype(np.float32), subtype="FLOAT")),
+        r"huge\.wav: sample of magnitude .* not beyond 1e\+06",
+        "AudioError: sample of magnitude (value) at (time); beyond 1e6 is corrupt"),
     "float WAV clipping at +-4.0": Case(_file("hot.wav", lambda: _wav(
         np.clip(tone(1.0, amp=8.0), -4, 4), subtype="FLOAT")), OK,
         "embeds (samples outside [-1, 1] are passed on unchanged)"),
