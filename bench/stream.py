@@ -1,7 +1,7 @@
 """Streaming with front-end frame reuse vs encoding every window from scratch.
 
     python -m clapedge.bench.stream [--preset default|ess-clap|all] [--seconds 60]
-                                    [--default-bundle PATH] [--ess-bundle PATH]
+                                    [--default-bundle PATH] [--ess-bundle PATH] [--quick]
 
 Bundles (INT8, CPU):
 
@@ -357,7 +357,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=30, help="repetitions of the breakdown")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: the default bundle only, 10 s, 1 round, nothing written")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.preset, args.seconds, args.rounds, args.reps = "default", 10.0, 1, 5
+        args.no_write = True
     if not (args.corpus / "manifest.jsonl").is_file():
         sys.exit(f"error: {args.corpus}: no corpus (clap-corpus {args.corpus} --size default "
                  f"--seed 0)")
