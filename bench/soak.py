@@ -19,8 +19,8 @@
    oldest dropped and counted), and every window of the audio fed is decoded (a refused
    chunk is not lost).
 
-The bundle: ``--bundle``, else ``build/bench-stream/default-int8`` (see ``bench/stream.py``,
-which builds it). ``--doc`` writes the "Streaming soak" section of docs/reliability.md.
+The bundle: ``--bundle``, else the default model's INT8 bundle that ``bench/stream.py`` uses
+(cached; exported when missing, which needs the [export] extra). ``--doc`` writes the "Streaming soak" section of docs/reliability.md.
 tests/test_stream_soak.py runs a few-second version on a tiny bundle.
 """
 
@@ -365,11 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow-delay", type=float, default=0.02)
     ap.add_argument("--doc", action="store_true", help="write docs/reliability.md")
     args = ap.parse_args(argv)
-    bundle = args.bundle or ROOT / "build" / "bench-stream" / "default-int8"
-    if not (bundle / "manifest.json").is_file():
-        print(f"error: {bundle}: no bundle (pass --bundle, or run python -m "
-              f"clapedge.bench.stream --preset default to build it)", file=sys.stderr)
-        return 2
+    if args.bundle is not None:
+        bundle = args.bundle
+        if not (bundle / "manifest.json").is_file():
+            print(f"error: {bundle}: not a bundle (no manifest.json)", file=sys.stderr)
+            return 2
+    else:
+        from clapedge.bench.stream import CORPUS, default_bundle
+
+        bundle = default_bundle(None, CORPUS)
     try:
         args.bundle_label = str(bundle.resolve().relative_to(ROOT))
     except ValueError:

@@ -5,8 +5,9 @@
 
 Bundles (INT8, CPU):
 
-- ``default``: an INT8 bundle of ``models/default`` (``--default-bundle``; else the cached
-  ``build/bench-stream/default-int8``; else exported there with
+- ``default``: an INT8 bundle of ``models/default`` (``--default-bundle``; else the one the
+  other benchmarks cache, ``build/bench/default-<weights key>-int8``; else
+  ``build/bench-stream/default-int8``, exported there when missing with
   ``clap-export models/default --int8 --calib data/corpus-default --max-drop 0.05``).
 - ``ess-clap``: the WavLM-base-plus-shaped preset, random init (seed 0), exported INT8 by the
   clap-export pipeline (``export_bundle``) calibrated on 2 clips each at 1 s and 2 s of the
@@ -106,6 +107,13 @@ def with_split(bundle: Path, name: str) -> Path:
 def default_bundle(arg: Path | None, corpus: Path) -> Path:
     if arg is not None:
         return with_split(arg, "default-int8")
+    from clapedge.runtime.manifest import sha256_file
+
+    # The INT8 bundle the other benchmarks export (bench/default_bundles.py), when present.
+    key = sha256_file(ROOT / "models" / "default" / "model.safetensors")[:12]
+    shared = ROOT / "build" / "bench" / f"default-{key}-int8"
+    if (shared / "manifest.json").is_file():
+        return with_split(shared, f"default-{key}-int8")
     out = WORK / "default-int8"
     if not (out / "manifest.json").is_file():
         print(f"  exporting: {DEFAULT_EXPORT}", flush=True)
