@@ -46,7 +46,7 @@ BENCHES = (
     Bench("bundle", "bundle sizes and load times of the default fp32/INT8 bundles",
           quick=("--loads", "2")),
     Bench("export", "encoder latency vs audio length: PyTorch, ORT fp32, ORT dynamic INT8, "
-          "clapedge INT8", quick=("--runs", "1", "--clips", "2")),
+          "clapedge INT8", quick=("--preset", "default", "--runs", "1", "--clips", "2")),
     Bench("stream", "streaming per-hop latency and real-time factor",
           quick=("--quick",)),
     Bench("topk", "fused similarity/top-k vs numpy, faiss, usearch, with the bandwidth floor",
