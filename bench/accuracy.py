@@ -79,8 +79,10 @@ def kept_float(bundle: Path) -> str:
     attempts = search.get("attempts", [])
     text_float = any(a.get("text_float") for a in attempts[-1:])
     audio = q.get("audio", {})
-    parts = [f"{audio.get('quantized_nodes', '?')} audio GEMMs static INT8, "
-             f"{audio.get('rowwise_dynamic_nodes', 0)} front-end GEMMs per-frame dynamic INT8"]
+    parts = [f"{audio.get('rowwise_dynamic_nodes', 0)} audio GEMMs per-row dynamic INT8, "
+             f"{audio.get('per_tensor_dynamic_nodes', 0)} per-tensor dynamic, "
+             f"{audio.get('static_qdq_nodes', audio.get('quantized_nodes', 0))} static QDQ "
+             f"(weights {audio.get('weights', 'int8 per-channel')})"]
     parts.append(f"{len(kept)} kept float by the accuracy search ({len(attempts)} attempt"
                  f"{'s' if len(attempts) != 1 else ''})" if attempts else "no accuracy search")
     parts.append("text tower float" if text_float else "text tower dynamic INT8")
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{onnxruntime.__version__}, numpy "
         f"{numpy.__version__}, Python {sys.version.split()[0]}.",
         "",
+        f"Bundles exported at {bundles.exported_at['int8']} (INT8) and "
+        f"{bundles.exported_at['fp32']} (fp32). "
         f"Model `models/default` (weights sha256 {bundles.key}..., docs/default-model.md); "
         f"corpus `{args.corpus}`, split `{args.split}`: {clips} clips, sentences never spoken "
         "in training and two held-out voices. INT8 bundle: "

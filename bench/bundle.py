@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         "the bundles: `" + "` and `".join(bundles.commands[p] for p in ("fp32", "int8")) + "`.",
         "",
         f"Machine: {machine}. Versions: clapedge {version('clapedge')}, onnxruntime "
-        f"{onnxruntime.__version__}, Python {sys.version.split()[0]}.",
+        f"{onnxruntime.__version__}, Python {sys.version.split()[0]}. Bundles exported at "
+        f"{bundles.exported_at['int8']} (INT8) and {bundles.exported_at['fp32']} (fp32).",
         "",
         "| file (MB) | " + " | ".join(paths) + " |",
         "|---|" + "---:|" * len(paths),

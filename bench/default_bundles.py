@@ -33,6 +33,7 @@ class DefaultBundles:
     int8: Path
     commands: dict[str, str]   # precision -> the exact clap-export command (run in ROOT)
     key: str                   # first 12 hex digits of the weights' sha256
+    exported_at: dict[str, str]  # precision -> the code state the bundle was exported with
 
 
 def _rel(path: Path) -> str:
@@ -62,6 +63,36 @@ def val_manifest(corpus: Path, out: Path) -> Path:
     return out
 
 
+def code_key() -> str:
+    """A hash of the code that decides what a bundle holds (export/, calib/, the manifest),
+    so that a cached bundle is exported again after that code changes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted([*(ROOT / "export").glob("*.py"), *(ROOT / "calib").glob("*.py"),
+                    ROOT / "runtime" / "manifest.py"])
+    for f in files:
+        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+def code_state() -> str:
+    """The commit, and the files of export/, calib/ and runtime/ that differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "export", "calib",
+                                "runtime"], cwd=ROOT, text=True,
+                               capture_output=True).stdout.splitlines()
+    except OSError:
+        return "unknown commit"
+    if not head:
+        return "unknown commit"
+    files = [line[3:] for line in dirty]
+    return f"commit {head}" + (f" with uncommitted changes to {', '.join(files)}" if files
+                               else "")
+
+
 def ensure_corpus(corpus: Path) -> None:
     if (ROOT / corpus / "manifest.jsonl").is_file():
         return
@@ -86,17 +117,27 @@ def default_bundles(model: Path = MODEL, corpus: Path = CORPUS, work: Path = WOR
         "int8": ["--int8", "--calib", str(corpus), "--eval", _rel(val)],
     }
     commands = {}
+    code = code_key()
     for precision, extra in args.items():
         cmd = ["clap-export", str(model), "-o", str(out[precision]), *extra]
         commands[precision] = shlex.join(cmd)
         target = ROOT / out[precision]
-        if (target / "manifest.json").is_file() and not rebuild:
+        # The directory name is what bench/stream.py looks for; the export code's hash sits
+        # beside it.
+        stamp = target.with_name(target.name + ".code")
+        current = stamp.read_text().strip() if stamp.is_file() else ""
+        if (target / "manifest.json").is_file() and current == code and not rebuild:
             continue
         if target.exists():
             shutil.rmtree(target)
         print(f"$ {commands[precision]}", flush=True)
         subprocess.run([str(BIN / cmd[0]), *cmd[1:]], cwd=ROOT, check=True)
-    return DefaultBundles(ROOT / out["fp32"], ROOT / out["int8"], commands, key)
+        stamp.write_text(f"{code}\n{code_state()}\n")
+    states = {}
+    for precision in out:
+        lines = (ROOT / out[precision]).with_name(out[precision].name + ".code").read_text()
+        states[precision] = (lines.splitlines()[1:] or ["unknown commit"])[0]
+    return DefaultBundles(ROOT / out["fp32"], ROOT / out["int8"], commands, key, states)
 
 
 if __name__ == "__main__":
