@@ -55,13 +55,17 @@ def _labels(ctx, param, values) -> tuple[tuple[str, Path], ...]:
 @click.option("--no-gemm-front-end", is_flag=True, help="Keep the conv front end as Conv ops.")
 @click.option("--front-end", type=click.Choice(["rowwise", "static", "float"]), default=None,
               help="INT8 of the conv front end GEMMs: per-frame dynamic (default on cpu), static QDQ (default for tensorrt) or float.")
+@click.option("--gemm", type=click.Choice(["rowwise", "dynamic", "static"]), default=None,
+              help="INT8 of the other weight GEMMs: per-row dynamic (default on cpu), per-tensor dynamic, or static QDQ (default and only choice for tensorrt).")
+@click.option("--rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True,
+              help="Weight rounding of the dynamic GEMMs: error-compensated on calibration activations (GPTQ) or to nearest.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 @click.option("-v", "--verbose", is_flag=True)
 def main(model_dir, output, precision, calib, eval_data, calib_method, calib_lengths, calib_clips,
          max_drop, target, engine, banks, labels, tagger_bank, tagger_k, no_gemm_front_end,
-         front_end, seed, force, as_json, verbose):
+         front_end, gemm, rounding, seed, force, as_json, verbose):
     """Export MODEL_DIR (a clapedge model directory, see clap-convert) to a bundle."""
     from rich.console import Console
 
@@ -77,7 +81,8 @@ def main(model_dir, output, precision, calib, eval_data, calib_method, calib_len
             calib_lengths=calib_lengths, calib_clips=calib_clips, max_drop=max_drop,
             target=target, banks=banks, bank_files=labels, tagger_bank=tagger_bank,
             tagger_k=tagger_k, gemm_front_end=not no_gemm_front_end, force=force, seed=seed,
-            front_end=front_end or ("static" if target == "tensorrt" else "rowwise"))
+            front_end=front_end or ("static" if target == "tensorrt" else "rowwise"),
+            gemm=gemm, rounding=rounding)
         if engine:
             from clapedge.export.tensorrt import require_tensorrt
 
@@ -132,8 +137,13 @@ def _summary(console, report) -> None:
                       f"cosine >= {p['min_cosine']:.6f}, max abs err {p['max_abs_error']:.2e}")
     q = report.quantization
     if q:
-        table.add_row("audio INT8", f"{q['audio']['quantized_nodes']} nodes quantized; float: "
-                      + ", ".join(f"{v} {k}" for k, v in q["audio"]["kept_float"].items()))
+        a = q["audio"]
+        forms = [f"{a[key]} {label}" for key, label in (
+            ("rowwise_dynamic_nodes", "GEMMs per-row dynamic"),
+            ("per_tensor_dynamic_nodes", "GEMMs per-tensor dynamic"),
+            ("static_qdq_nodes", "nodes static QDQ")) if a.get(key)]
+        table.add_row("audio INT8", f"{', '.join(forms) or 'nothing'} ({a['weights']}); float: "
+                      + ", ".join(f"{v} {k}" for k, v in a["kept_float"].items()))
     for key, value in report.quality.items():
         table.add_row(key, json.dumps(value) if not isinstance(value, float) else f"{value:.4f}")
     for key, value in report.sizes.items():

@@ -1,18 +1,27 @@
 """INT8 quantization: which nodes, which form, and how ranges are calibrated.
 
-What is quantized is found from graph patterns, never from hand-written node names:
+What is quantized is found from graph patterns, never from hand-written node names. Weight
+MatMul/Gemm (second input an initializer) with a reduction dim K >= ``min_k`` become int8
+GEMMs with per-output-channel symmetric int8 weights, in one of three forms:
 
-* weight MatMul/Gemm (second input an initializer) with a reduction dim K >= ``min_k``:
-  static QDQ, per-channel symmetric int8 weights, uint8 activations (the u8 x s8 VNNI/AMX
-  path of onnxruntime's MLAS) or symmetric int8 activations for TensorRT;
-* data-movement ops (Reshape, Slice, Concat, Transpose, Squeeze, Unsqueeze) whose output
-  reaches only quantized MatMuls: they then move uint8 instead of float32 (4x less memory
-  traffic — in the GEMM form of the conv front end that is most of the time);
-* everything else stays float and is reported with a reason: activation x activation MatMuls
-  (attention scores and probabilities: softmax outputs shrink with sequence length, so ranges
-  calibrated at one length collapse at another), index/shape arithmetic (relative position
-  buckets: Log/Gather/Range), Softmax, LayerNorm, residual adds, small-K GEMMs (the first
-  conv of the front end, K = 10) and the grouped positional conv.
+* ``rowwise`` (the CPU default, every GEMM): dynamic uint8 activations with a scale per row
+  (frame / token), computed at run time, into onnxruntime's u8 x s8 MatMulInteger (the
+  VNNI/AMX path of MLAS); see rowwise.py. No activation ranges to calibrate, so nothing
+  collapses when clips are longer or quieter than the calibration audio;
+* ``dynamic``: one dynamic scale per activation tensor (fused DynamicQuantizeMatMul);
+* ``static``: QDQ with activation ranges calibrated on real audio (minmax / entropy /
+  percentile) — the form TensorRT's explicit quantization takes, and the only one for
+  ``--target tensorrt``. Data-movement ops (Reshape, Slice, Concat, Transpose, Squeeze,
+  Unsqueeze) whose output reaches only static-quantized MatMuls then move uint8.
+
+Weights are rounded by GPTQ-style error compensation on calibration activations (gptq.py)
+for the dynamic forms: on the WavLM-base-plus-shaped preset, round-to-nearest weights alone
+cost as much accuracy as everything else together.
+
+Everything else stays float and is reported with a reason: activation x activation MatMuls
+(attention scores and probabilities), index/shape arithmetic (relative position buckets:
+Log/Gather/Range), Softmax, LayerNorm, residual adds, small-K GEMMs (the first conv of the
+front end, K = 10) and the grouped positional conv.
 """
 
 from __future__ import annotations
@@ -49,6 +58,12 @@ class QuantConfig:
     # Conv front end GEMMs: "rowwise" (dynamic per-frame INT8, see rowwise.py), "static"
     # (per-tensor QDQ like the rest) or "float".
     front_end: Literal["rowwise", "static", "float"] = "rowwise"
+    # The other weight GEMMs (transformer, projections): "rowwise", "dynamic" (per tensor)
+    # or "static" (calibrated QDQ; forced for --target tensorrt).
+    gemm: Literal["rowwise", "dynamic", "static"] = "rowwise"
+    # Weight rounding of the rowwise/dynamic GEMMs: "gptq" (error-compensated on calibration
+    # activations, gptq.py) or "nearest".
+    rounding: Literal["gptq", "nearest"] = "gptq"
     keep_float: tuple[str, ...] = ()  # node names kept float by the accuracy search
 
     def __post_init__(self) -> None:
@@ -61,6 +76,13 @@ class QuantConfig:
             raise ConfigError(f"target {self.target!r}: use cpu or tensorrt")
         if self.front_end not in ("rowwise", "static", "float"):
             raise ConfigError(f"front_end {self.front_end!r}: use rowwise, static or float")
+        if self.gemm not in ("rowwise", "dynamic", "static"):
+            raise ConfigError(f"gemm {self.gemm!r}: use rowwise, dynamic or static")
+        if self.rounding not in ("gptq", "nearest"):
+            raise ConfigError(f"rounding {self.rounding!r}: use gptq or nearest")
+        if self.target == "tensorrt" and (self.gemm != "static" or self.front_end == "rowwise"):
+            raise ConfigError("--target tensorrt takes explicit Q/DQ only: --gemm static and "
+                              "--front-end static or float")
         if not 90.0 <= self.percentile < 100.0:
             raise ConfigError(f"percentile {self.percentile}: must be in [90, 100)")
 
@@ -69,16 +91,21 @@ class QuantConfig:
 class QuantPlan:
     """The nodes to quantize and, for every candidate left float, why."""
 
-    quantize: list[str] = field(default_factory=list)
-    rowwise: list[str] = field(default_factory=list)
+    quantize: list[str] = field(default_factory=list)  # static QDQ
+    rowwise: list[str] = field(default_factory=list)  # dynamic, a scale per row
+    per_tensor: list[str] = field(default_factory=list)  # dynamic, one scale per tensor
     float_reasons: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict:
         reasons: dict[str, int] = defaultdict(int)
         for reason in self.float_reasons.values():
             reasons[reason] += 1
-        return {"quantized_nodes": len(self.quantize), "rowwise_dynamic_nodes": len(self.rowwise),
-                "kept_float": dict(reasons)}
+        return {"static_qdq_nodes": len(self.quantize), "rowwise_dynamic_nodes": len(self.rowwise),
+                "per_tensor_dynamic_nodes": len(self.per_tensor), "kept_float": dict(reasons)}
+
+    @property
+    def dynamic(self) -> list[str]:
+        return self.rowwise + self.per_tensor
 
 
 FRONT_END_WEIGHT = ".gemm_front_end."  # initializer names of export/rewrite.py's GEMM convs
@@ -126,8 +153,15 @@ def plan_quantization(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
                 plan.float_reasons[node.name] = "kept float by the accuracy search"
             elif is_front_end(node) and config.front_end == "float":
                 plan.float_reasons[node.name] = "conv front end kept float (--front-end float)"
-            elif is_front_end(node) and config.front_end == "rowwise" and node.op_type == "MatMul":
+            elif is_front_end(node):
+                if config.front_end == "rowwise":
+                    plan.rowwise.append(node.name)
+                else:
+                    quantized.add(node.name)
+            elif config.gemm == "rowwise":
                 plan.rowwise.append(node.name)
+            elif config.gemm == "dynamic":
+                plan.per_tensor.append(node.name)
             else:
                 quantized.add(node.name)
         elif node.op_type == "Conv":
@@ -179,29 +213,39 @@ def calibrate(model_path: Path, feeds: list[dict[str, np.ndarray]], config: Quan
         model_path, list(WEIGHT_OPS) + list(MOVEMENT_OPS) + ["Conv"],
         augmented_model_path=str(workdir / "augmented.onnx"), calibrate_method=method,
         use_external_data_format=False, extra_options=extra)
-    # Histogram collectors stack the arrays of one tensor, so every call gets inputs of one
-    # shape; histograms accumulate across calls.
-    by_shape: dict[tuple, list[dict[str, np.ndarray]]] = defaultdict(list)
+    # One clip per call: the augmented model outputs every candidate tensor, and the
+    # calibrator holds all outputs of a call in memory (a 10 s clip of a Base model is about
+    # 2 GB of them; six such clips in one call were OOM-killed at 17 GB). Histograms and
+    # min/max accumulate across calls, and each call sees arrays of one shape.
     for feed in feeds:
-        by_shape[tuple(v.shape for v in feed.values())].append(feed)
-    for group in by_shape.values():
-        calibrator.collect_data(make_reader(group))
+        calibrator.collect_data(make_reader([feed]))
     ranges = calibrator.compute_data()
     del calibrator
     return Calibration(ranges=ranges, method=config.method, clips=len(feeds))
 
 
-def quantize_static(model_path: Path, out_path: Path, calibration: Calibration,
-                    plan: QuantPlan, config: QuantConfig) -> None:
-    """Writes the QDQ model (per-channel symmetric weights)."""
+def quantize_static(model_path: Path, out_path: Path, calibration: Calibration | None,
+                    plan: QuantPlan, config: QuantConfig,
+                    weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+    """Writes the INT8 model: the plan's dynamic GEMMs rewritten (rowwise.py, with
+    ``weights`` from gptq.py where given), then its static nodes as QDQ (per-channel
+    symmetric weights, calibrated activations)."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
     model = onnx.load(str(model_path))
-    if plan.rowwise:
+    if plan.dynamic:
         from clapedge.export.rowwise import rowwise_int8
 
-        rowwise_int8(model, plan.rowwise)
+        rowwise_int8(model, plan.rowwise, weights=weights)
+        rowwise_int8(model, plan.per_tensor, per_tensor=True, weights=weights)
+    if not plan.quantize:
+        # QDQQuantizer reads an empty node list as "every node": nothing static to do.
+        model.ir_version = min(model.ir_version, IR_VERSION)
+        onnx.save_model(model, str(out_path))
+        return
+    if calibration is None:
+        raise ExportError("static QDQ nodes need calibrated activation ranges")
     tensorrt = config.target == "tensorrt"
     activation = QuantType.QInt8 if tensorrt else QuantType.QUInt8
     extra = {"WeightSymmetric": True, "ActivationSymmetric": tensorrt,
@@ -233,6 +277,71 @@ def quantize_dynamic_matmul(model_path: Path, out_path: Path) -> None:
     model = onnx.load(str(out_path))
     model.ir_version = min(model.ir_version, IR_VERSION)
     onnx.save_model(model, str(out_path))
+
+
+def int8_embedding_tables(model: onnx.ModelProto, min_rows: int = 1000) -> list[str]:
+    """Stores large embedding tables (a Gather from a 2-D initializer with >= ``min_rows``
+    rows: the word embeddings, 30522 x 384 in MiniLM, half the text tower's file) as int8
+    with a scale per row; the Gather then picks int8 rows and their scales and multiplies.
+    Returns the tables rewritten."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = _initializers(model)
+    done, nodes = [], []
+    for node in graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table is None or len(table.dims) != 2 or table.dims[0] < min_rows or axis != 0 \
+                or table.data_type != TensorProto.FLOAT:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(table).astype(np.float32)
+        scale = np.maximum(np.abs(w).max(axis=1, keepdims=True), 1e-12) / 127.0
+        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        p = f"{node.name}_int8"
+        graph.initializer.extend([numpy_helper.from_array(q, f"{p}_table"),
+                                  numpy_helper.from_array(scale.astype(np.float32), f"{p}_scale")])
+        ids, out = node.input[1], node.output[0]
+        nodes += [helper.make_node("Gather", [f"{p}_table", ids], [f"{p}_rows"], name=f"{p}_rows"),
+                  helper.make_node("Gather", [f"{p}_scale", ids], [f"{p}_scales"], name=f"{p}_scales"),
+                  helper.make_node("Cast", [f"{p}_rows"], [f"{p}_rowsf"], name=f"{p}_cast",
+                                   to=TensorProto.FLOAT),
+                  helper.make_node("Mul", [f"{p}_rowsf", f"{p}_scales"], [out], name=f"{p}_mul")]
+        done.append(node.input[0])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return done
+
+
+def quantize_text(model_path: Path, out_path: Path, feeds: list[dict[str, np.ndarray]],
+                  *, min_k: int = 64, rounding: str = "gptq", seed: int = 0,
+                  form: str = "dynamic") -> dict:
+    """The text tower: dynamic INT8 GEMMs, ``form`` "rowwise" (a scale per token) or
+    "dynamic" (one per tensor, fused DynamicQuantizeMatMul), per-channel weights rounded to
+    nearest or by GPTQ on the token activations of ``feeds``, and int8 embedding tables.
+    Returns a summary for the export report."""
+    from clapedge.export.gptq import gptq_weights
+    from clapedge.export.rowwise import rowwise_int8
+
+    model = onnx.load(str(model_path))
+    del model.graph.value_info[:]  # stale after the fusion pass
+    plan = plan_quantization(model, QuantConfig(gemm=form, min_k=min_k))
+    weights = gptq_weights(model_path, plan.dynamic, feeds, seed=seed) \
+        if rounding == "gptq" and feeds else None
+    rowwise_int8(model, plan.rowwise, weights=weights)
+    rowwise_int8(model, plan.per_tensor, per_tensor=True, weights=weights)
+    tables = int8_embedding_tables(model)
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    onnx.save_model(model, str(out_path))
+    return {"mode": {"dynamic": "per-tensor dynamic (DynamicQuantizeMatMul)",
+                     "rowwise": "per-row (token) dynamic"}[form], "gemms": len(plan.dynamic),
+            "weights": "int8 per-channel symmetric, " + ("GPTQ-rounded" if weights else "rounded to nearest"),
+            "embedding_tables_int8": len(tables)}
 
 
 def convert_fp16(model_path: Path, out_path: Path) -> None:

@@ -27,7 +27,7 @@ def rank_nodes(fp32: Path, int8: Path, plan: QuantPlan, feeds: list[dict[str, np
     import onnxruntime as ort
 
     model = onnx.load(str(fp32), load_external_data=False)
-    quantized = set(plan.quantize) | set(plan.rowwise)
+    quantized = set(plan.quantize) | set(plan.dynamic)
     gemms = {n.name: n.output[0] for n in model.graph.node
              if n.name in quantized and n.op_type in ("MatMul", "Gemm")}
     tensors = list(gemms.values())
