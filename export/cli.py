@@ -56,7 +56,7 @@ def _labels(ctx, param, values) -> tuple[tuple[str, Path], ...]:
 @click.option("--front-end", type=click.Choice(["rowwise", "static", "float"]), default=None,
               help="INT8 of the conv front end GEMMs: per-frame dynamic (default on cpu), static QDQ (default for tensorrt) or float.")
 @click.option("--gemm", type=click.Choice(["rowwise", "dynamic", "static"]), default=None,
-              help="INT8 of the other weight GEMMs: per-row dynamic (default on cpu), per-tensor dynamic, or static QDQ (default and only choice for tensorrt).")
+              help="INT8 of the other weight GEMMs: per-tensor dynamic (default on cpu), per-row dynamic, or static QDQ (default and only choice for tensorrt).")
 @click.option("--rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True,
               help="Weight rounding of the dynamic GEMMs: error-compensated on calibration activations (GPTQ) or to nearest.")
 @click.option("--seed", default=0, show_default=True)

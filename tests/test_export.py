@@ -87,13 +87,17 @@ def test_int8_structure_and_quality(int8_bundle):
     out, report = int8_bundle
     ops = _op_counts(out / "audio.onnx")
     q = report.quantization["audio"]
-    # CPU default: every weight GEMM with K >= min_k (conv front end and transformer) is a
-    # per-row dynamic u8 x s8 MatMulInteger with GPTQ-rounded weights; no static QDQ, so no
-    # calibrated activation range can collapse on longer or quieter audio.
-    assert q["rowwise_dynamic_nodes"] > 6 and q["static_qdq_nodes"] == 0
-    assert ops.get("MatMulInteger", 0) == q["rowwise_dynamic_nodes"]
+    # CPU default: the conv front end GEMMs (K >= min_k) are per-frame dynamic u8 x s8
+    # MatMulInteger, the other weight GEMMs per-tensor dynamic (DynamicQuantizeMatMul), all
+    # with GPTQ-rounded weights; no static QDQ, so no calibrated activation range can
+    # collapse on longer or quieter audio.
+    # (the six conv GEMMs and the per-frame feature projection after them)
+    assert q["rowwise_dynamic_nodes"] == 7 and q["static_qdq_nodes"] == 0
+    assert q["per_tensor_dynamic_nodes"] > 6
+    assert ops.get("MatMulInteger", 0) == 7
+    assert ops.get("DynamicQuantizeMatMul", 0) == q["per_tensor_dynamic_nodes"]
     assert ops.get("DequantizeLinear", 0) == 0
-    assert "GPTQ" in q["weights"] and q["gemm"] == "rowwise"
+    assert "GPTQ" in q["weights"] and q["gemm"] == "dynamic"
     assert any("activation x activation" in k for k in q["kept_float"])  # attention stays float
     # Index arithmetic and softmax stay float: none of them reads a quantized tensor.
     model = onnx.load(str(out / "audio.onnx"))
@@ -302,8 +306,12 @@ def test_accuracy_search_keeps_sensitive_nodes_float(tiny_model_dir, tiny_corpus
         precision="int8", calib=tiny_corpus, calib_clips=1, calib_lengths=(1.0,), min_k=16,
         max_drop=0.005, banks="none"))
     search = report.quantization["accuracy_search"]
-    assert [a["audio_nodes_kept_float"] for a in search["attempts"]] == [0, 1, 2]
+    # First the same audio with the float text tower (no better here: the text stays INT8),
+    # then the audio nodes.
+    assert [(a["audio_nodes_kept_float"], a["text_float"]) for a in search["attempts"]] == [
+        (0, False), (0, True), (1, False), (2, False)]
     assert len(search["kept_float"]) == 2
+    assert report.quantization["text"]["mode"].startswith("per-row")
     assert report.quantization["audio"]["kept_float"]["kept float by the accuracy search"] == 2
     model = onnx.load(str(tmp_path / "b" / "audio.onnx"))
     weights = {t.name for t in model.graph.initializer}
@@ -311,3 +319,25 @@ def test_accuracy_search_keeps_sensitive_nodes_float(tiny_model_dir, tiny_corpus
     assert len(kept) == 2
     for node in kept:  # the GEMM runs on its float weight, not a dequantized int8 one
         assert node.input[1] in weights
+
+
+def test_accuracy_search_finds_a_text_tower_loss_first(tiny_model_dir, tiny_corpus, tmp_path,
+                                                       monkeypatch):
+    """A loss that only the float text tower removes (retrieval reads both towers) ends the
+    search at once with the text tower float and every audio node INT8."""
+    import clapedge.export.pipeline as pipeline
+
+    def fake_metrics(self, model, audio, text, banks, work, name):
+        text_float = name == "fp32" or name.endswith("-1")
+        return {"t2a/P@10": 0.5 if text_float else 0.49}
+
+    monkeypatch.setattr(pipeline._Exporter, "task_metrics", fake_metrics)
+    report = export_bundle(tiny_model_dir("default"), tmp_path / "b", ExportOptions(
+        precision="int8", calib=tiny_corpus, calib_clips=1, calib_lengths=(1.0,), min_k=16,
+        max_drop=0.005, banks="none"))
+    search = report.quantization["accuracy_search"]
+    assert [(a["audio_nodes_kept_float"], a["text_float"]) for a in search["attempts"]] == [
+        (0, False), (0, True)]
+    assert search["kept_float"] == []
+    assert report.quantization["text"]["mode"] == "kept fp32 by the accuracy search"
+    assert report.quality["task_drop"]["t2a/P@10"] == 0.0

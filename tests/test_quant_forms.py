@@ -119,8 +119,8 @@ def test_gptq_weights_from_a_model(tmp_path):
 
 def test_plan_forms():
     model, _, _ = _gemm_model("MatMul")
-    assert plan_quantization(model, QuantConfig()).rowwise == ["g"]
-    assert plan_quantization(model, QuantConfig(gemm="dynamic")).per_tensor == ["g"]
+    assert plan_quantization(model, QuantConfig()).per_tensor == ["g"]
+    assert plan_quantization(model, QuantConfig(gemm="rowwise")).rowwise == ["g"]
     assert plan_quantization(model, QuantConfig(gemm="static")).quantize == ["g"]
     with pytest.raises(ConfigError, match="tensorrt"):
         QuantConfig(target="tensorrt")  # rowwise default is not TensorRT's form
