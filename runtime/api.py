@@ -25,10 +25,12 @@ for bit: ONNX Runtime picks a reduction's summation order from the tensor shape 
 sum over [1, N, H] may round differently from one over [4, N, H]). Where bit-exact
 reproducibility across batchings matters, use ``batch_size=1``; on CPU it costs little, a
 clip's frames already fill the matrix multiplications.
-An INT8 text tower is dynamically quantized: its activations get one scale per tensor,
-computed at run time, so in a batch every text's scale would depend on the others (up to
-4e-2 on an embedding component, measured on the default model). Each text then runs
-alone, and a text's embedding never depends on the other texts of the call.
+INT8 towers are dynamically quantized: the audio tower's transformer GEMMs get one
+activation scale per tensor, computed at run time, so in a batch every clip's scale would
+depend on the others (the text tower's was measured up to 4e-2 on an embedding component
+on the default model before it moved to per-token scales). Each clip and each text then
+runs alone, and an embedding never depends on the other inputs of the call (on CPU a clip's
+frames already fill the GEMMs; this costs little).
 
 Memory: audio is decoded and resampled block by block and a long input is embedded window
 by window as its samples arrive (``audio.SegmentStream``), so embedding or tagging a file
@@ -170,6 +172,8 @@ class Runtime:
         window on its own (``_encode_long``); short ones (one segment each) batched
         together by padded length."""
         tower = self.bundle.tower("audio")
+        if tower.spec.precision == "int8":  # per-tensor dynamic scales span a batch: run alone
+            batch_size = 1
         heads = list(tower.spec.heads)
         outputs = [EMBEDDING] + [HEAD_PREFIX + h for h in heads]
         bucket = self._bucket()
