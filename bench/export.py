@@ -201,6 +201,15 @@ def _markdown(rows, text, sizes, plan, args, machine) -> str:
         out.append(f"| {r['seconds']:g} s | {r['ORT fp32'][0] / ours:.2f}x | {r[anchor][0] / ours:.2f}x | "
                    f"{r['ORT fp32'][2] / cpu:.2f}x | {r[anchor][2] / cpu:.2f}x | "
                    f"{r['ORT fp32'][2]:.0f} / {r[anchor][2]:.0f} / {cpu:.0f} |")
+    out += ["", "Targets (issue 5; wall time, CPU time in brackets):", ""]
+    for r in rows:
+        ours, cpu, cos = r["clapedge INT8"]
+        f32, dyn = r["ORT fp32"], r[anchor]
+        checks = [(f32[0] / ours, f32[2] / cpu, 2.0, "ORT fp32"), (dyn[0] / ours, dyn[2] / cpu, 1.5, "ORT dynamic INT8")]
+        parts = [f"{'met' if w >= goal else 'MISSED'}: >= {goal:g}x vs {name} ({w:.2f}x [{c:.2f}x])"
+                 for w, c, goal, name in checks]
+        parts.append(f"{'met' if cos >= 0.99 else 'MISSED'}: centred cosine >= 0.99 ({cos:.4f})")
+        out.append(f"- {r['seconds']:g} s: " + "; ".join(parts))
     out += ["", f"Sizes: audio fp32 {sizes['audio fp32']:.1f} MB, INT8 {sizes['audio INT8']:.1f} MB "
             f"({sizes['audio INT8'] / sizes['audio fp32']:.2f}x).", "",
             f"Text tower (all-MiniLM-L6-v2; latency of one prompt, cosine to fp32 min over "
@@ -227,6 +236,8 @@ def _plot(rows) -> None:
     xs = [r["seconds"] for r in rows]
     for name in [k for k in rows[0] if k != "seconds"]:
         ax.plot(xs, [r[name][0] for r in rows], marker="o", label=name)
+    ax.set_yscale("log")  # PyTorch eager is 5-10x the rest; a log axis keeps all readable
+    ax.set_xticks(xs)
     ax.set_xlabel("audio length (s)")
     ax.set_ylabel("latency (ms), batch 1")
     ax.set_title("Audio encoder latency vs length")
