@@ -60,6 +60,9 @@ BENCHES = (
 )
 
 
+USES_DEFAULT_BUNDLES = ("accuracy", "bundle", "stream")
+
+
 @dataclass
 class Outcome:
     bench: Bench
@@ -202,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = datetime.now(timezone.utc)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if any(b.name in USES_DEFAULT_BUNDLES for b in chosen):
+        from clapedge.bench.default_bundles import FROZEN, default_bundles
+
+        print("=== the default model's fp32 and INT8 bundles (exported once for this run)",
+              flush=True)
+        default_bundles()
+        os.environ[FROZEN] = "1"
     outcomes = [run_one(b, args.quick) for b in chosen]
     text = run_section(outcomes, argv, started, load_before)
     print("\n" + text)

@@ -61,14 +61,22 @@ print(json.dumps(out))
 
 
 def file_sizes(bundle: Path) -> dict[str, int]:
-    """Bytes per part: audio, text, tagger, tokenizer, banks, other (manifest, report...)."""
-    parts = {"audio.onnx": 0, "text.onnx": 0, "tagger.onnx": 0, "tokenizer.json": 0,
-             "banks": 0, "other": 0}
+    """Bytes per part: each ONNX file, the tokenizer, the banks, and the rest (manifest,
+    report) as "other"."""
+    parts: dict[str, int] = {}
     for f in sorted(p for p in bundle.rglob("*") if p.is_file()):
         rel = f.relative_to(bundle)
-        key = rel.parts[0] if rel.parts[0] in parts else "other"
-        parts[key] += f.stat().st_size
-    return parts
+        if len(rel.parts) > 1:
+            key = rel.parts[0]
+        elif rel.suffix in (".onnx", ".plan") or rel.name == "tokenizer.json":
+            key = rel.name
+        else:
+            key = "other"
+        parts[key] = parts.get(key, 0) + f.stat().st_size
+    order = ["audio.onnx", "tagger.onnx", "audio_frontend.onnx", "audio_encoder.onnx",
+             "text.onnx", "tokenizer.json", "banks", "other"]
+    return dict(sorted(parts.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order
+                                                      else len(order) - 1, kv[0])))
 
 
 def child(path: Path, mode: str, cache: str = "") -> dict:
@@ -96,23 +104,38 @@ def mb(n: int) -> str:
     return f"{n / 1e6:.1f}" if n >= 1e5 else f"{n / 1e6:.3f}"
 
 
-def largest_float(model_path: Path) -> str:
-    """A sentence on the largest float initializer of an (INT8) ONNX file."""
+def text_note(int8: Path) -> str:
+    """Why the INT8 bundle's text tower has the size it has."""
     import onnx
-    from onnx import TensorProto, helper
 
-    model = onnx.load(str(model_path), load_external_data=False)
-    floats = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT]
-    if not floats:
+    from clapedge.runtime.manifest import read_manifest
+
+    spec = read_manifest(int8).towers.text
+    if spec is None:
         return ""
-    big = max(floats, key=lambda t: len(t.raw_data) or 4 * max(1, len(t.float_data)))
-    nbytes = len(big.raw_data) or 4 * len(big.float_data)
-    total = model_path.stat().st_size
-    return (f"In the INT8 `{model_path.name}`, the largest tensor is the float "
-            f"`{big.name}` {list(big.dims)} ({nbytes / 1e6:.1f} MB, "
-            f"{100 * nbytes / total:.0f} % of the file): a "
-            f"{helper.tensor_dtype_to_np_dtype(big.data_type)} table that INT8 export "
-            "does not quantize.")
+    if spec.precision != "int8":
+        return (f"The INT8 bundle's text tower is {spec.precision}: the export's accuracy "
+                "search kept it float (its INT8 form cost more than the `--max-drop` budget "
+                "on the val split; the export report lists the attempts).")
+    model = onnx.load(str(int8 / spec.file), load_external_data=False)
+    big = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    total = (int8 / spec.file).stat().st_size
+    return (f"In the INT8 `{spec.file}`, the largest tensor is `{big.name}` {list(big.dims)} "
+            f"({onnx.helper.tensor_dtype_to_np_dtype(big.data_type)}, "
+            f"{len(big.raw_data) / 1e6:.1f} MB, {100 * len(big.raw_data) / total:.0f} % of the "
+            "file).")
+
+
+def copies_note(sizes: dict[str, int]) -> str:
+    audio = sizes.get("audio.onnx", 0)
+    copies = [name for name in ("tagger.onnx", "audio_encoder.onnx")
+              if sizes.get(name, 0) > 0.8 * audio]
+    if not audio or not copies:
+        return ""
+    why = {"tagger.onnx": "the fused tagger graph",
+           "audio_encoder.onnx": "the streaming split's encoder"}
+    return (f" The audio tower's weights are stored {1 + len(copies)} times: `audio.onnx` and "
+            + " and ".join(f"`{c}` ({why[c]})" for c in copies) + " each hold a copy.")
 
 
 def plot(sizes: dict[str, dict[str, int]], times: dict[str, dict[str, float]],
@@ -127,11 +150,15 @@ def plot(sizes: dict[str, dict[str, int]], times: dict[str, dict[str, float]],
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     bottom = np.zeros(len(names))
     # Light colours for the files, and the accuracy plot's fp32 blue / INT8 red for bundles.
-    colours = {"audio.onnx": "#17becf", "text.onnx": "#ffbb78", "tagger.onnx": "#98df8a",
-               "tokenizer.json": "#c5b0d5", "banks": "#8c564b", "other": "#7f7f7f"}
+    colours = {"audio.onnx": "#17becf", "tagger.onnx": "#98df8a",
+               "audio_frontend.onnx": "#dbdb8d", "audio_encoder.onnx": "#9edae5",
+               "text.onnx": "#ffbb78", "tokenizer.json": "#c5b0d5", "banks": "#8c564b",
+               "other": "#7f7f7f"}
+    for extra in dict.fromkeys(k for s in sizes.values() for k in s):
+        colours.setdefault(extra, "#c7c7c7")
     bundle_colours = {"fp32": "#1f77b4", "INT8": "#d62728"}
     for part, colour in colours.items():
-        values = np.array([sizes[n][part] / 1e6 for n in names])
+        values = np.array([sizes[n].get(part, 0) / 1e6 for n in names])
         if values.sum() == 0:
             continue
         left.bar(names, values, bottom=bottom, label=part, color=colour, width=0.55)
@@ -199,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         "| file (MB) | " + " | ".join(paths) + " |",
         "|---|" + "---:|" * len(paths),
     ]
-    for part in next(iter(sizes.values())):
-        if any(s[part] for s in sizes.values()):
-            lines.append(f"| {part} | " + " | ".join(mb(sizes[n][part]) for n in paths) + " |")
+    parts = list(dict.fromkeys(k for s in sizes.values() for k in s))
+    for part in parts:
+        lines.append(f"| {part} | " + " | ".join(mb(sizes[n].get(part, 0)) for n in paths) + " |")
     lines.append("| **total** | " + " | ".join(f"**{mb(total[n])}**" for n in paths) + " |")
     lines += [
         "",
@@ -209,10 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "file: " + ", ".join(f"{n} {max(s, key=s.get)} ({100 * max(s.values()) / total[n]:.0f} %)"
                              for n, s in sizes.items())
         + " (the default model's text tower is MiniLM, 22.7M parameters; its audio tower has "
-        f"4.9M, see docs/models.md). {largest_float(bundles.int8 / 'text.onnx')}"
-        + (" `tagger.onnx` carries its own copy of the audio tower's weights (the fused "
-           "tagger graph), so the audio weights are stored twice."
-           if sizes["INT8"]["tagger.onnx"] > 0.9 * sizes["INT8"]["audio.onnx"] else ""),
+        f"4.9M, see docs/models.md). {text_note(bundles.int8)}{copies_note(sizes['INT8'])}",
         "",
         f"Load times: median of {args.loads} fresh processes each (files in the page cache; "
         "see the bench's docstring for what each column includes). `cache_dir` keeps the "

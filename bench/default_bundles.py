@@ -25,6 +25,10 @@ MODEL = Path("models/default")
 CORPUS = Path("data/corpus-default")
 WORK = Path("build/bench")
 BIN = Path(sys.executable).parent
+# ``python -m clapedge.bench`` exports the bundles once at the start of a run and sets this,
+# so that every benchmark of the run measures the same files even when someone changes the
+# export code meanwhile.
+FROZEN = "CLAPEDGE_BENCH_FROZEN_BUNDLES"
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,8 @@ def default_bundles(model: Path = MODEL, corpus: Path = CORPUS, work: Path = WOR
         # beside it.
         stamp = target.with_name(target.name + ".code")
         current = stamp.read_text().strip() if stamp.is_file() else ""
-        if (target / "manifest.json").is_file() and current == code and not rebuild:
+        frozen = os.environ.get(FROZEN) == "1"  # set by the runner: one export per run
+        if (target / "manifest.json").is_file() and (current == code or frozen) and not rebuild:
             continue
         if target.exists():
             shutil.rmtree(target)
