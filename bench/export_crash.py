@@ -3,9 +3,11 @@
     python -m clapedge.bench.export_crash [--iterations 20] [--seed 0] [--model DIR] [--dir DIR]
 
 Each iteration starts ``clap-export MODEL -o OUT --force --banks none`` (a tiny random model
-unless ``--model``) in a subprocess and kills it with SIGKILL, half the time at a uniformly
-random moment of a whole export, half the time right around the final write (a random delay
-after its "write bundle" progress line, the window where a bundle appears). After each kill:
+unless ``--model``) in a subprocess and kills it with SIGKILL, in turn (``--modes``): right
+around the final write (a random delay after its "write bundle" progress line, the window
+where a bundle appears), at a uniformly random moment of a whole export, and just after the
+new bundle appeared at ``OUT`` (replacing the previous one: the swap and what follows it).
+After each kill:
 
 - ``OUT`` either does not exist (no export has completed yet) or is a complete bundle that
   verifies (``Bundle.load`` with every tower, bank and the tokenizer, all checksums); once a
@@ -155,8 +157,9 @@ class CrashStats:
 def kill_once(model: Path, out: Path, rng: random.Random, *, mode: str,
               full_s: float, write_s: float, must_exist: bool) -> tuple[str, str, bool]:
     """Start an export, kill it (mode "uniform": at U(0, full_s); "write": U(0, 1.5 write_s)
-    after the "write bundle" line, ``write_s`` being how long the bundle took to appear)
-    and check ``out``. Returns (outcome, step, killed)."""
+    after the "write bundle" line, ``write_s`` being how long the bundle took to appear;
+    "appear": U(0, 20 ms) after the new bundle appeared at ``out``) and check ``out``.
+    Returns (outcome, step, killed)."""
     before = out.stat().st_ino if out.exists() else None
     run = Run.start(model, out)
     if mode == "write":
@@ -164,6 +167,15 @@ def kill_once(model: Path, out: Path, rng: random.Random, *, mode: str,
             run.kill()
             raise AssertionError(f"no '{WRITE_STEP}' line: {run.lines[-5:]}")
         time.sleep(rng.uniform(0.0, 1.5 * write_s))
+    elif mode == "appear":
+        def current():
+            try:
+                return out.stat().st_ino
+            except FileNotFoundError:
+                return None
+        while current() in (None, before) and run.proc.poll() is None:
+            time.sleep(0.0002)
+        time.sleep(rng.uniform(0.0, 0.02))
     else:
         deadline = run.t0 + rng.uniform(0.0, full_s)
         while time.perf_counter() < deadline and run.proc.poll() is None:
@@ -193,7 +205,7 @@ def full_export(model: Path, out: Path) -> tuple[float, float]:
 
 
 def run_crash_loop(model: Path, out: Path, iterations: int, *, seed: int = 0,
-                   log=None) -> CrashStats:
+                   modes: tuple[str, ...] = ("write", "uniform"), log=None) -> CrashStats:
     """``iterations`` killed exports into ``out`` (its parent should be a fresh directory),
     then one to completion; AssertionError on the first violation."""
     rng = random.Random(seed)
@@ -207,7 +219,7 @@ def run_crash_loop(model: Path, out: Path, iterations: int, *, seed: int = 0,
     stats.full_export_s, stats.write_s = full_s, write_s
     existed = False
     for it in range(iterations):
-        mode = "write" if it % 2 == 0 else "uniform"
+        mode = modes[it % len(modes)]
         outcome, step, killed = kill_once(model, out, rng, mode=mode, full_s=full_s,
                                           write_s=max(write_s, 0.01), must_exist=existed)
         existed = existed or outcome != "absent"
@@ -233,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", default="write,uniform,appear",
+                    help="kill moments, in turn: write (around the final write), uniform "
+                    "(any time), appear (just after the new bundle appeared)")
     ap.add_argument("--model", type=Path, default=None,
                     help="model directory to export (default: a tiny random model)")
     ap.add_argument("--dir", type=Path, default=None, help="where to work (default: a "
@@ -243,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or make_tiny_model(base / "tiny")
         (base / "out").mkdir()
         stats = run_crash_loop(model, base / "out" / "bundle", args.iterations, seed=args.seed,
+                               modes=tuple(args.modes.split(",")),
                                log=lambda m: print(m, file=sys.stderr, flush=True))
     finally:
         shutil.rmtree(base, ignore_errors=True)
