@@ -167,8 +167,8 @@ def plot(sizes: dict[str, dict[str, int]], times: dict[str, dict[str, float]],
         left.text(i, total, f"{total:.0f} MB", ha="center", va="bottom", fontsize=9)
     left.set_ylabel("size on disk (MB)")
     left.set_title("bundle size by file", fontsize=10)
-    left.set_ylim(0, bottom.max() * 1.15)
-    left.legend(fontsize=8, loc="upper right")
+    left.set_ylim(0, bottom.max() * 1.75)  # room above the bars for the legend
+    left.legend(fontsize=8, loc="upper center", ncol=2)
     keys = [("load", "Bundle.load\n(audio tower)"), ("all_towers", "all towers"),
             ("all_towers_cached", "all towers,\nwarm cache_dir"), ("first_tag", "first tag")]
     x = np.arange(len(keys))
