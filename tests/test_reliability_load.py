@@ -5,6 +5,7 @@ clapedge.bench.load``)."""
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -49,14 +50,16 @@ def test_a_mismatch_and_an_error_are_reported(runtime, tmp_path):
         """Serial pass correct; threaded calls off by one ulp or failing."""
 
         def __init__(self, rt):
-            self.rt, self.n = rt, 0
+            self.rt, self.n, self.lock = rt, 0, threading.Lock()
 
         def embed_audio(self, *a, **kw):
-            self.n += 1
+            with self.lock:  # each call gets its own number (threads call concurrently)
+                self.n += 1
+                n = self.n
             out = self.rt.embed_audio(*a, **kw)
-            if self.n > 3 and self.n % 2:
+            if n > 3 and n % 2:
                 return np.nextafter(out, np.float32(2))
-            if self.n == 4:
+            if n == 4:
                 raise RuntimeError("boom")
             return out
 
