@@ -97,12 +97,12 @@ class Run:
         """The last progress step printed ("starting" before any)."""
         for _, line in reversed(self.lines):
             words = line.split()
-            if words and words[0].startswith("[") and words[0].endswith("]"):
+            if not words or ".py:" not in words[-1]:
+                continue  # not a progress line (rich ends those with the source column)
+            if words[0].startswith("[") and words[0].endswith("]"):
                 words = words[1:]  # rich's time column (blank when repeated)
-            if words and ".py:" in words[-1]:
-                words = words[:-1]  # rich's source column
-            if words:
-                return " ".join(words)
+            if len(words) > 1:
+                return " ".join(words[:-1])
         return "starting"
 
     def kill(self) -> int | None:
