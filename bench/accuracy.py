@@ -128,11 +128,9 @@ def plot(rows: list[tuple[str, dict[str, float]]], path: Path, title: str,
     right.grid(True, axis="x", alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    from clapedge.bench.report import save_figure
+
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

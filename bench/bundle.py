@@ -185,11 +185,9 @@ def plot(sizes: dict[str, dict[str, int]], times: dict[str, dict[str, float]],
     right.grid(True, axis="y", alpha=0.3)
     fig.suptitle(subtitle, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    from clapedge.bench.report import save_figure
+
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -230,7 +230,7 @@ def _plot(rows) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from clapedge.bench.report import ROOT
+    from clapedge.bench.report import ROOT, save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     xs = [r["seconds"] for r in rows]
@@ -243,10 +243,8 @@ def _plot(rows) -> None:
     ax.set_title("Audio encoder latency vs length")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    out = ROOT / "docs" / "plots"
-    out.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out / "encoder_latency.png")
+    save_figure(fig, ROOT / "docs" / "plots" / "encoder_latency.png", dpi=120)
 
 
 if __name__ == "__main__":

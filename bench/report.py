@@ -45,3 +45,14 @@ def write_section(name: str, body: str, path: Path = BENCHMARKS) -> None:
     """Replaces (or appends) the section between ``<!-- bench:NAME:begin/end -->``."""
     begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
     replace_section(path, f"{begin}\n{body.rstrip()}\n{end}\n", begin, end)
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Writes a matplotlib figure atomically (temp file + rename) and closes it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
