@@ -203,7 +203,7 @@ def _markdown(rows, text, sizes, plan, args, machine) -> str:
                    f"{r['ORT fp32'][2]:.0f} / {r[anchor][2]:.0f} / {cpu:.0f} |")
     out += ["", "Targets (issue 5; wall time, CPU time in brackets):", ""]
     for r in rows:
-        ours, cpu, cos = r["clapedge INT8"]
+        ours, cos, cpu = r["clapedge INT8"]
         f32, dyn = r["ORT fp32"], r[anchor]
         checks = [(f32[0] / ours, f32[2] / cpu, 2.0, "ORT fp32"), (dyn[0] / ours, dyn[2] / cpu, 1.5, "ORT dynamic INT8")]
         parts = [f"{'met' if w >= goal else 'MISSED'}: >= {goal:g}x vs {name} ({w:.2f}x [{c:.2f}x])"
