@@ -3,7 +3,8 @@ engine building where TensorRT and a GPU exist (imported lazily: the package wor
 TensorRT and says what to install when a feature needs it).
 
 Engines are tied to the TensorRT version and the GPU they were built on (NVIDIA/TensorRT #70,
-#292): the manifest records both, and the runtime rebuilds or falls back when they differ.
+#292): the manifest records both, and the runtime (runtime/engines.py) loads the plan
+through its EP-context model only where they match, and otherwise falls back to the ONNX file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from clapedge.errors import MissingDependencyError
 
@@ -126,7 +127,40 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, *, int8: bo
         timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     import torch  # export extra; only to name the GPU
 
-    return {"trt_version": trt.__version__, "gpu": torch.cuda.get_device_name(0)}
+    major, minor = torch.cuda.get_device_capability(0)
+    return {"trt_version": trt.__version__, "gpu": torch.cuda.get_device_name(0),
+            "compute_capability": f"{major}{minor}"}
+
+
+CONTEXT_SUFFIX = "_ctx.onnx"
+
+
+def context_model(tower: onnx.ModelProto, plan_file: str, *, trt_version: str,
+                  compute_capability: str | None = None) -> onnx.ModelProto:
+    """The EP-context model of a plan: one ``com.microsoft`` ``EPContext`` node with the
+    tower's graph inputs and outputs, ``ep_cache_context`` = the plan's file name relative to
+    this model (``embed_mode`` 0), so ONNX Runtime's TensorRT EP deserialises the plan
+    instead of building an engine (runtime/engines.py)."""
+    from clapedge.export.onnx_export import IR_VERSION
+
+    g = tower.graph
+    inits = {t.name for t in g.initializer}
+    inputs = [v for v in g.input if v.name not in inits]
+    attrs = {"main_context": 1, "embed_mode": 0, "ep_cache_context": plan_file,
+             "ep_sdk_version": trt_version, "source": "TensorrtExecutionProvider"}
+    if compute_capability:
+        attrs["hardware_architecture"] = compute_capability
+    node = helper.make_node("EPContext", [v.name for v in inputs], [v.name for v in g.output],
+                            name="tensorrt_engine", domain="com.microsoft", **attrs)
+    graph = helper.make_graph([node], f"{g.name or 'tower'}_tensorrt_context", inputs,
+                              list(g.output))
+    opsets = [helper.make_opsetid("", next(o.version for o in tower.opset_import
+                                           if o.domain in ("", "ai.onnx"))),
+              helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="clapedge")
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    model.metadata_props.extend(p for p in tower.metadata_props)
+    return model
 
 
 def build_engines(bundle: Path) -> None:
@@ -142,9 +176,15 @@ def build_engines(bundle: Path) -> None:
     p = Profile()
     ranges = {n: mf.ShapeRange((1, p.min_samples), (1, p.opt_samples), (1, p.max_samples))
               for n in ("waveform", "attention_mask")}
+    ctx_file = "audio" + CONTEXT_SUFFIX
+    ctx = context_model(onnx.load(str(bundle / audio.file), load_external_data=False),
+                        "audio.plan", trt_version=info["trt_version"],
+                        compute_capability=info.get("compute_capability"))
+    onnx.save_model(ctx, str(bundle / ctx_file))
     engine = mf.EngineSpec(file="audio.plan", sha256=mf.sha256_file(bundle / "audio.plan"),
                            tower="audio", trt_version=info["trt_version"], gpu=info["gpu"],
-                           profiles=(ranges,), precision=audio.precision)
+                           profiles=(ranges,), precision=audio.precision, context=ctx_file,
+                           context_sha256=mf.sha256_file(bundle / ctx_file))
     manifest.engines = manifest.engines + (engine,)
     del sr
     mf.write_manifest(bundle / mf.MANIFEST_NAME, manifest.with_sizes(bundle))

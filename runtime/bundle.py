@@ -51,6 +51,7 @@ import numpy as np
 import onnxruntime as ort
 
 from clapedge.errors import BundleError
+from clapedge.runtime import engines
 from clapedge.runtime import providers as prov
 from clapedge.runtime.checksums import VerifiedFiles, mapped
 from clapedge.runtime.manifest import MANIFEST_NAME, Manifest, TowerSpec, read_manifest
@@ -307,7 +308,40 @@ class Bundle:
             self._verified.remember(path, identity, actual)
         return path
 
+    def _open_engine(self, role: str, spec: TowerSpec) -> Tower | None:
+        """The tower on its prebuilt TensorRT plan (runtime/engines.py), or None, with a log
+        line saying why, when the plan does not fit this process or the EP refuses it."""
+        engine = engines.engine_for(self.manifest, role)
+        if engine is None or self.provider_choice.providers[0] != prov.TENSORRT:
+            return None
+        problem = engines.plan_problem(engine, self.manifest,
+                                       trt_version=engines.tensorrt_version(),
+                                       gpu=engines.gpu_name())
+        if problem is None:
+            self._verify_file(engine.file, engine.sha256, "TensorRT engine", engine.size)
+            ctx = self._verify_file(engine.context, engine.context_sha256,
+                                    "TensorRT context model", engine.context_size)
+            options = prov.provider_options(prov.TENSORRT, precision=spec.precision,
+                                            cache_dir=self.cache_dir)
+            try:
+                session = ort.InferenceSession(str(ctx), prov.session_options(self.threads),
+                                               providers=[(prov.TENSORRT, options)])
+            except _ORT_LOAD_ERRORS as e:
+                problem = f"the TensorRT EP refused it ({str(e).splitlines()[0][:200]})"
+            else:
+                self._check_metadata(ctx, session)
+                log.info("%s tower: prebuilt TensorRT engine %s (TensorRT %s, %s)", role,
+                         engine.file, engine.trt_version, engine.gpu)
+                return Tower(role, spec, session, ctx)
+        log.warning("%s tower: not using the prebuilt engine %s: %s; running %s instead "
+                    "(the TensorRT EP builds and caches its own engine)", role, engine.file,
+                    problem, spec.file)
+        return None
+
     def _open_tower(self, role: str, spec: TowerSpec) -> Tower:
+        engine_tower = self._open_engine(role, spec)
+        if engine_tower is not None:
+            return engine_tower
         what = f"{role} tower"
         path = self.resolve(spec.file, what=what)
         with self._mapped(path, what, spec.size, MAX_MODEL_BYTES) as buf:

@@ -9,6 +9,7 @@ A bundle is a directory with ``manifest.json`` beside the files it names::
     BUNDLE/tokenizer.json   tokenizer      (HF ``tokenizers`` file)
     BUNDLE/banks/<name>.npy banks[name]    (float32 [n_labels, embed_dim], rows L2-normalised)
     BUNDLE/*.plan           engines        (TensorRT; valid only for the recorded TRT + GPU)
+    BUNDLE/*_ctx.onnx       engines.context (optional, format 1.3; EP-context model of a plan)
     BUNDLE/audio_frontend.onnx stream.frontend (optional, format 1.2; the audio tower cut
     BUNDLE/audio_encoder.onnx  stream.encoder   in two for streaming, see ``StreamSpec``)
 
@@ -50,7 +51,8 @@ fp16 and int8 towers keep float32 inputs and outputs (the runtime casts to whate
 a tower declares, so a float16 input also works, but float32 I/O is the convention).
 
 Versioning: ``format_version`` is ``"MAJOR.MINOR"`` (1.1 added the optional ``size`` of
-every file, 1.2 the optional ``stream`` split; older bundles still load). The runtime
+every file, 1.2 the optional ``stream`` split, 1.3 an engine's optional EP-context model;
+older bundles still load). The runtime
 refuses another major version. A newer minor version may add fields: unknown keys are then
 ignored; with the same or an older minor version an unknown key is an error (it is a typo or
 a corrupt file).
@@ -74,7 +76,7 @@ from typing import Any, Callable, Mapping
 
 from clapedge.errors import BundleError, ConfigError
 
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 MANIFEST_NAME = "manifest.json"
 # A manifest is a few KB (prompt lists make it a few hundred); refuse absurd ones unread.
 MAX_MANIFEST_BYTES = 64 << 20
@@ -388,12 +390,23 @@ class EngineSpec:
     profiles: tuple[dict[str, ShapeRange], ...] = ()
     precision: str = "fp16"
     size: int | None = None
+    # format 1.3: the EP-context model that lets ONNX Runtime's TensorRT EP load the plan
+    # (runtime/engines.py), its sha256 and size
+    context: str | None = None
+    context_sha256: str | None = None
+    context_size: int | None = None
 
     def __post_init__(self):
         self.profiles = tuple(self.profiles)
         _check_relpath("file", self.file)
         _check_sha("sha256", self.sha256)
         _check_size(self.size)
+        if (self.context is None) != (self.context_sha256 is None):
+            _fail("context", "context and context_sha256 go together")
+        if self.context is not None:
+            _check_relpath("context", self.context)
+            _check_sha("context_sha256", self.context_sha256)
+        _check_size(self.context_size)
         if self.tower not in TOWER_ROLES:
             _fail("tower", f"{self.tower!r} not one of {'|'.join(TOWER_ROLES)}")
         if self.precision not in PRECISIONS:
@@ -576,7 +589,10 @@ class Manifest:
         m.towers = Towers(**towers)
         m.tokenizer = None if self.tokenizer is None else sized(self.tokenizer)
         m.banks = {name: sized(bank) for name, bank in self.banks.items()}
-        m.engines = tuple(sized(e) for e in self.engines)
+        m.engines = tuple(
+            dataclasses.replace(sized(e), context_size=None if e.context is None
+                                else os.stat(root / e.context).st_size)
+            for e in self.engines)
         if self.stream is not None:
             m.stream = dataclasses.replace(
                 self.stream, **{part: dataclasses.replace(
@@ -595,6 +611,7 @@ class Manifest:
             out.append((self.tokenizer.file, self.tokenizer.sha256))
         out.extend((b.file, b.sha256) for _, b in sorted(self.banks.items()))
         out.extend((e.file, e.sha256) for e in self.engines)
+        out.extend((e.context, e.context_sha256) for e in self.engines if e.context)
         for tower in self.stream_towers():
             out.append((tower.file, tower.sha256))
             out.extend((x.file, x.sha256) for x in tower.external_data)
@@ -827,7 +844,9 @@ class _Reader:
             "tower": (self.s, _MISSING), "trt_version": (self.s, _MISSING),
             "gpu": (self.s, _MISSING),
             "profiles": (self.list_of(self.dict_of(self.shape_range)), None),
-            "precision": (self.s, None), "size": (self.i, None)})
+            "precision": (self.s, None), "size": (self.i, None),
+            "context": (self.s, None), "context_sha256": (self.s, None),
+            "context_size": (self.i, None)})
 
     def stream(self, v, path):
         return self.obj(v, path, StreamSpec, {

@@ -24,6 +24,7 @@ from clapedge.export.stream_split import (ENCODER_FILE, FRONTEND_FILE, FrameGeom
                                           SplitError, add_to_bundle, split_audio_graph)
 from clapedge.runtime import Runtime  # noqa: E402
 from clapedge.runtime.audio import frame_windows  # noqa: E402
+from clapedge.runtime import manifest as mf  # noqa: E402
 from clapedge.runtime.manifest import read_manifest  # noqa: E402
 
 TINY = FrameGeometry(FRAME, FRAME)
@@ -72,7 +73,7 @@ def test_tiny_bundle_split_is_exact_and_recorded(split_bundle):
     assert result.exact and result.frames_local and result.max_abs_error == 0.0
     assert not result.frontend_mask and result.encoder_mask
     m = read_manifest(root)
-    assert m.format_version == "1.2" and m.stream.exact
+    assert m.format_version == mf.FORMAT_VERSION and m.stream.exact
     assert (m.stream.frame_stride, m.stream.receptive_field) == (FRAME, FRAME)
     assert dict(m.files())[FRONTEND_FILE] == m.stream.frontend.sha256
     assert m.stream.encoder.heads == m.towers.audio.heads
@@ -241,5 +242,5 @@ def test_stream_spec_is_validated(split_bundle):
     bad["stream"]["exactly"] = True  # a typo in a 1.2 manifest is an error
     with pytest.raises(BundleError, match=r"stream: unknown keys \['exactly'\]"):
         Manifest.from_dict(bad)
-    bad["format_version"] = "1.3"  # a newer minor's keys are ignored
+    bad["format_version"] = "1.99"  # a newer minor's keys are ignored
     assert Manifest.from_dict(bad).stream.exact
