@@ -50,6 +50,8 @@ BENCHES = (
           "clapedge INT8", quick=("--preset", "default", "--runs", "1", "--clips", "2")),
     Bench("stream", "streaming per-hop latency and real-time factor",
           quick=("--quick",)),
+    Bench("stream_cache", "what a cached-attention stream would save, and cost in tag "
+          "agreement", quick=("--seconds", "20", "--reps", "3", "--lookahead", "0,37")),
     Bench("topk", "fused similarity/top-k vs numpy, faiss, usearch, with the bandwidth floor",
           full=("--wait-idle", "120"),
           quick=("--n", "100000", "--queries", "1,16", "--repeats", "3", "--budget", "3")),
@@ -60,7 +62,7 @@ BENCHES = (
 )
 
 
-USES_DEFAULT_BUNDLES = ("accuracy", "bundle", "stream")
+USES_DEFAULT_BUNDLES = ("accuracy", "bundle", "stream", "stream_cache")
 
 
 @dataclass
