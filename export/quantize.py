@@ -333,30 +333,159 @@ def int8_embedding_tables(model: onnx.ModelProto, min_rows: int = 1000) -> list[
     return done
 
 
+SMOOTH_ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _gemm_input_amax(model: onnx.ModelProto, inputs: list[str],
+                     feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-channel max |x| of each tensor in ``inputs`` (last axis) over ``feeds``, each
+    fed alone."""
+    import copy
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    probe = copy.deepcopy(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None)
+                              for x in inputs)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), so,
+                                   providers=["CPUExecutionProvider"])
+    amax: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        for name, value in zip(inputs, session.run(inputs, feed)):
+            m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            amax[name] = m if name not in amax else np.maximum(amax[name], m)
+    return amax
+
+
+def smooth_gemm_inputs(model: onnx.ModelProto, gemms: list[str],
+                       amax: dict[str, np.ndarray], alpha: float) -> int:
+    """SmoothQuant (Xiao et al. 2023), exact in float: for each tensor x read by the GEMMs
+    ``gemms``, channel j is divided by s_j = amax_j^alpha / wmax_j^(1 - alpha) (a Mul the
+    GEMMs read instead of x; other readers of x are untouched) and row j of every such
+    GEMM's weight multiplied by s_j. Channels with outliers (the GELU outputs of a BERT
+    tower: max/median channel 12-24x) move part of their range into the weights, so one
+    per-tensor activation scale fits the rest. Returns the Muls inserted."""
+    from onnx import helper, numpy_helper
+
+    from clapedge.export.rowwise import _as_matmul
+
+    graph = model.graph
+    inits = _initializers(model)
+    by_input: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    wanted = set(gemms)
+    for node in graph.node:
+        if node.name in wanted and node.input[0] in amax and _as_matmul(node, inits):
+            by_input[node.input[0]].append(node)
+    muls: dict[str, onnx.NodeProto] = {}
+    for x, readers in by_input.items():
+        weights = [_as_matmul(n, inits)[0] for n in readers]
+        wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        scale = (np.maximum(amax[x], 1e-5) ** alpha
+                 / np.maximum(wmax, 1e-5) ** (1.0 - alpha)).astype(np.float32)
+        name = f"{x}_smoothed"
+        graph.initializer.append(numpy_helper.from_array((1.0 / scale).astype(np.float32),
+                                                         f"{x}_smooth_inv"))
+        muls[x] = helper.make_node("Mul", [x, f"{x}_smooth_inv"], [name], name=f"{x}_smooth")
+        for node in readers:
+            init = inits[node.input[1]]
+            w = numpy_helper.to_array(init).astype(np.float32)
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            w = w * (scale[None, :] if trans_b else scale[:, None])
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+            node.input[0] = name
+    # each Mul right before the first GEMM that reads it (the graph stays topological)
+    nodes = []
+    for node in graph.node:
+        x = node.input[0][:-len("_smoothed")] if node.input and \
+            node.input[0].endswith("_smoothed") else None
+        if x in muls:
+            nodes.append(muls.pop(x))
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(by_input)
+
+
 def quantize_text(model_path: Path, out_path: Path, feeds: list[dict[str, np.ndarray]],
                   *, min_k: int = 64, rounding: str = "gptq", seed: int = 0,
-                  form: str = "dynamic") -> dict:
-    """The text tower: dynamic INT8 GEMMs, ``form`` "rowwise" (a scale per token) or
-    "dynamic" (one per tensor, fused DynamicQuantizeMatMul), per-channel weights rounded to
-    nearest or by GPTQ on the token activations of ``feeds``, and int8 embedding tables.
-    Returns a summary for the export report."""
+                  form: str = "smooth") -> dict:
+    """The text tower: dynamic INT8 GEMMs and int8 embedding tables. ``form``: "smooth"
+    (one scale per tensor, fused DynamicQuantizeMatMul, after SmoothQuant on ``feeds``
+    with the alpha that keeps the calibration prompts closest to fp32), "dynamic" (per
+    tensor, no smoothing) or "rowwise" (a scale per token). Per-channel weights rounded to
+    nearest or by GPTQ on the token activations of ``feeds``. Returns a summary for the
+    export report.
+
+    Measured on all-MiniLM-L6-v2 (64 held-out captions + probes, min cosine to fp32, one
+    prompt on one thread): per-tensor 0.991 at 2.1x fp32 speed (outlier GELU channels set
+    the scale); per-token 0.996 but no faster than fp32 (19 more ops per GEMM cost more than
+    they save at a dozen tokens); SmoothQuant alpha 0.7 + per-tensor 0.997 at per-tensor
+    speed."""
+    import copy
+
+    import onnxruntime as ort
+
     from clapedge.export.gptq import gptq_weights
+    from clapedge.export.parity import cosine_rows
     from clapedge.export.rowwise import rowwise_int8
 
+    if form not in ("smooth", "dynamic", "rowwise"):
+        raise ExportError(f"text quantization form {form!r}: use smooth, dynamic or rowwise")
+    if form == "smooth" and not feeds:
+        raise ExportError("SmoothQuant needs calibration prompts (feeds)")
     model = onnx.load(str(model_path))
     del model.graph.value_info[:]  # stale after the fusion pass
-    plan = plan_quantization(model, QuantConfig(gemm=form, min_k=min_k))
+    plan = plan_quantization(model, QuantConfig(gemm="rowwise" if form == "rowwise"
+                                                else "dynamic", min_k=min_k))
     weights = gptq_weights(model_path, plan.dynamic, feeds, seed=seed) \
         if rounding == "gptq" and feeds else None
+    alpha = None
+    if form == "smooth":
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+
+        def embed(m: onnx.ModelProto) -> np.ndarray:
+            s = ort.InferenceSession(m.SerializeToString(), so,
+                                     providers=["CPUExecutionProvider"])
+            name = s.get_outputs()[0].name
+            return np.concatenate([s.run([name], f)[0] for f in feeds])
+
+        ref = embed(model)
+        inputs = sorted({n.input[0] for n in model.graph.node if n.name in plan.per_tensor})
+        amax = _gemm_input_amax(model, inputs, feeds)
+        best = None
+        for a in (None,) + SMOOTH_ALPHAS:
+            trial = copy.deepcopy(model)
+            if a is not None:
+                smooth_gemm_inputs(trial, plan.per_tensor, amax, a)
+            rowwise_int8(trial, plan.per_tensor, per_tensor=True)
+            score = float(cosine_rows(ref, embed(trial)).min())
+            log.info("text SmoothQuant alpha %s: min cosine %.4f on %d prompts", a, score,
+                     len(feeds))
+            if best is None or score > best[0]:
+                best = (score, a)
+        alpha = best[1]
+        if alpha is not None:
+            smooth_gemm_inputs(model, plan.per_tensor, amax, alpha)
+            weights = None  # GPTQ statistics were taken before smoothing
     rowwise_int8(model, plan.rowwise, weights=weights)
     rowwise_int8(model, plan.per_tensor, per_tensor=True, weights=weights)
     tables = int8_embedding_tables(model)
     model.ir_version = min(model.ir_version, IR_VERSION)
     onnx.save_model(model, str(out_path))
-    return {"mode": {"dynamic": "per-tensor dynamic (DynamicQuantizeMatMul)",
-                     "rowwise": "per-row (token) dynamic"}[form], "gemms": len(plan.dynamic),
-            "weights": "int8 per-channel symmetric, " + ("GPTQ-rounded" if weights else "rounded to nearest"),
-            "embedding_tables_int8": len(tables)}
+    mode = {"smooth": "per-tensor dynamic (DynamicQuantizeMatMul) after SmoothQuant",
+            "dynamic": "per-tensor dynamic (DynamicQuantizeMatMul)",
+            "rowwise": "per-row (token) dynamic"}[form]
+    out = {"mode": mode, "gemms": len(plan.dynamic),
+           "weights": "int8 per-channel symmetric, " + ("GPTQ-rounded" if weights else "rounded to nearest"),
+           "embedding_tables_int8": len(tables)}
+    if form == "smooth":
+        out["smooth_alpha"] = alpha
+        out["calibration_prompts"] = len(feeds)
+    return out
 
 
 def convert_fp16(model_path: Path, out_path: Path) -> None:

@@ -145,3 +145,46 @@ def test_folded_group_norm_equals_group_norm_of_the_conv(groups, channels, bias)
     got = folded_group_norm_gemm(frames, mask, weight, b, norm)
     torch.testing.assert_close(got[0], ref[0], atol=5e-5, rtol=1e-4)
     torch.testing.assert_close(got[1, :400], ref[1, :400], atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Gemm"])
+def test_smoothing_is_exact_in_float_and_helps_per_tensor_int8(op):
+    # Activations with two outlier channels (like the GELU outputs of a BERT tower): one
+    # per-tensor scale then rounds the other channels coarsely; SmoothQuant moves part of
+    # their range into the weight rows.
+    from clapedge.export.quantize import _gemm_input_amax, smooth_gemm_inputs
+
+    model, weight, _ = _gemm_model(op)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((200, 64)).astype(np.float32)
+    x[:, [3, 40]] *= 30.0
+    calib, held = x[:120], x[120:]
+    ref = _run(model, held)
+    amax = _gemm_input_amax(model, ["x"], [{"x": calib}])
+    np.testing.assert_allclose(amax["x"], np.abs(calib).max(axis=0), rtol=1e-6)
+
+    smoothed = onnx.ModelProto()
+    smoothed.CopyFrom(model)
+    assert smooth_gemm_inputs(smoothed, ["g"], amax, alpha=0.7) == 1
+    assert [n.op_type for n in smoothed.graph.node][0] == "Mul"
+    np.testing.assert_allclose(_run(smoothed, held), ref, rtol=1e-4, atol=1e-4)  # exact math
+
+    def int8_error(m):
+        q = onnx.ModelProto()
+        q.CopyFrom(m)
+        rowwise_int8(q, ["g"], per_tensor=True)
+        return np.linalg.norm(_run(q, held) - ref) / np.linalg.norm(ref)
+
+    assert int8_error(smoothed) < 0.5 * int8_error(model), (int8_error(smoothed), int8_error(model))
+
+
+def test_quantize_text_smoothing_needs_prompts(tmp_path):
+    from clapedge.export.errors import ExportError
+    from clapedge.export.quantize import quantize_text
+
+    model, _, _ = _gemm_model("MatMul")
+    onnx.save_model(model, str(tmp_path / "t.onnx"))
+    with pytest.raises(ExportError, match="calibration prompts"):
+        quantize_text(tmp_path / "t.onnx", tmp_path / "o.onnx", [], form="smooth")
+    with pytest.raises(ExportError, match="use smooth, dynamic or rowwise"):
+        quantize_text(tmp_path / "t.onnx", tmp_path / "o.onnx", [], form="static")

@@ -350,3 +350,12 @@ def test_verified_files_are_not_hashed_again_until_they_change(bundle_dir, tmp_p
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(BundleError, match="checksum mismatch"):
         Bundle.load(bundle_dir, cache_dir=cache)
+
+
+def test_text_tower_runs_on_one_thread_unless_told(tmp_path):
+    root, _ = build_bundle(tmp_path / "b")
+    b = Bundle.load(root)
+    assert b.threads_for("text") == 1 and b.threads_for("audio") is None
+    b2 = Bundle.load(root, threads=2)
+    assert b2.threads_for("text") == 2 and b2.threads_for("audio") == 2
+    assert b.tower("text").session.get_session_options().intra_op_num_threads == 1
