@@ -37,7 +37,7 @@ def _labels(ctx, param, values) -> tuple[tuple[str, Path], ...]:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
               help="Bundle directory to write (refused if it exists, unless --force).")
-@click.option("--int8", "precision", flag_value="int8", help="Static INT8 QDQ audio tower, dynamic INT8 text tower.")
+@click.option("--int8", "precision", flag_value="int8", help="INT8: dynamic INT8 GEMMs with GPTQ-rounded weights in the audio tower (static QDQ for --target tensorrt), SmoothQuant + dynamic INT8 text tower; the accuracy search keeps what costs more than --max-drop in float.")
 @click.option("--fp16", "precision", flag_value="fp16", help="fp16 weights and compute, fp32 I/O.")
 @click.option("--fp32", "precision", flag_value="fp32", default=True, help="fp32 (default).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration audio: a directory or a JSON-lines manifest.")
@@ -52,6 +52,8 @@ def _labels(ctx, param, values) -> tuple[tuple[str, Path], ...]:
 @click.option("--labels", multiple=True, callback=_labels, help="Extra label bank NAME=prompts.json ({label: prompt(s)} or {template, labels}).")
 @click.option("--tagger-bank", default=None, help="Bank baked into tagger.onnx (default: the first).")
 @click.option("--tagger-k", default=3, show_default=True)
+@click.option("--no-tagger", is_flag=True, help="Leave out tagger.onnx (the runtime then tags with the audio tower and the top-k kernel); the bundle keeps one copy of the audio weights fewer.")
+@click.option("--no-stream-split", is_flag=True, help="Leave out the streaming split (audio_frontend.onnx + audio_encoder.onnx); streams then encode whole windows.")
 @click.option("--no-gemm-front-end", is_flag=True, help="Keep the conv front end as Conv ops.")
 @click.option("--front-end", type=click.Choice(["rowwise", "static", "float"]), default=None,
               help="INT8 of the conv front end GEMMs: per-frame dynamic (default on cpu), static QDQ (default for tensorrt) or float.")
@@ -64,7 +66,8 @@ def _labels(ctx, param, values) -> tuple[tuple[str, Path], ...]:
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 @click.option("-v", "--verbose", is_flag=True)
 def main(model_dir, output, precision, calib, eval_data, calib_method, calib_lengths, calib_clips,
-         max_drop, target, engine, banks, labels, tagger_bank, tagger_k, no_gemm_front_end,
+         max_drop, target, engine, banks, labels, tagger_bank, tagger_k, no_tagger,
+         no_stream_split, no_gemm_front_end,
          front_end, gemm, rounding, seed, force, as_json, verbose):
     """Export MODEL_DIR (a clapedge model directory, see clap-convert) to a bundle."""
     from rich.console import Console
@@ -80,7 +83,8 @@ def main(model_dir, output, precision, calib, eval_data, calib_method, calib_len
             precision=precision, calib=calib, eval_data=eval_data, calib_method=calib_method,
             calib_lengths=calib_lengths, calib_clips=calib_clips, max_drop=max_drop,
             target=target, banks=banks, bank_files=labels, tagger_bank=tagger_bank,
-            tagger_k=tagger_k, gemm_front_end=not no_gemm_front_end, force=force, seed=seed,
+            tagger_k=tagger_k, tagger=not no_tagger, stream_split=not no_stream_split,
+            gemm_front_end=not no_gemm_front_end, force=force, seed=seed,
             front_end=front_end or ("static" if target == "tensorrt" else "rowwise"),
             gemm=gemm, rounding=rounding)
         if engine:

@@ -65,6 +65,7 @@ class ExportOptions:
     bank_files: tuple[tuple[str, Path], ...] = ()
     tagger_bank: str | None = None
     tagger_k: int = 3
+    tagger: bool = True  # also write tagger.onnx (a second copy of the audio weights)
     min_seconds: float = 0.5
     max_seconds: float = 20.0
     window_seconds: float = 10.0
@@ -76,7 +77,8 @@ class ExportOptions:
     rounding: str = "gptq"  # weight rounding of the dynamic GEMMs: gptq | nearest
     force: bool = False
     seed: int = 0
-    stream_split: bool = True  # also write the streaming split (export/stream_split.py)
+    stream_split: bool = True  # also write the streaming split (export/stream_split.py;
+    # a third copy of the audio weights)
 
     def quant_config(self, keep_float: tuple[str, ...] = ()) -> quantize.QuantConfig:
         return quantize.QuantConfig(
@@ -476,7 +478,7 @@ class _Exporter:
                     quantize.convert_fp16(text32, text)
             elif opts.precision == "int8":
                 audio, text = self.int8(model, audio32, text32, banks, work, sr)
-            tagger_bank = self.pick_tagger_bank(banks)
+            tagger_bank = self.pick_tagger_bank(banks) if opts.tagger else None
             tagger = None
             if tagger_bank is not None:
                 with self.step("bake tagger graph"):

@@ -230,6 +230,18 @@ def test_tensorrt_engine_build(int8_bundle):
     assert (int8_bundle[0] / "audio.plan").is_file()
 
 
+def test_no_tagger_no_stream_split_gives_one_copy_of_the_audio_weights(tiny_model_dir, tmp_path):
+    out = tmp_path / "lean"
+    r = CliRunner().invoke(export_cli, [str(tiny_model_dir("default")), "-o", str(out),
+                                        "--no-tagger", "--no-stream-split"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["audio.onnx", "text.onnx"]
+    rt = Runtime(out, threads=1)
+    assert rt.manifest.towers.tagger is None and rt.manifest.stream is None
+    tags = rt.tag(np.sin(np.arange(16000) / 9.0).astype(np.float32) * 0.3, k=2, sample_rate=16000)
+    assert len(tags) == 2 and tags[0].score >= tags[1].score
+
+
 def test_refuses_existing_output_and_leaves_nothing(tiny_model_dir, tmp_path):
     out = tmp_path / "bundle"
     out.mkdir()
