@@ -9,7 +9,8 @@ building an engine (minutes for a large tower).
 A plan is valid only for the TensorRT version and the GPU it was built with (NVIDIA/TensorRT
 #70, #292), and only for the shapes of its optimisation profile. ``plan_problem`` compares
 the manifest's record with this process (TensorRT version from the installed ``tensorrt``
-package, GPU name from ``nvidia-smi``, the bundle's clip policy against the profile); on any
+package, GPU name from the CUDA driver or ``nvidia-smi``, the bundle's clip policy against
+the profile); on any
 mismatch, or when the EP refuses the plan, the runtime logs why and falls back to
 ``audio.onnx`` through the TensorRT EP (which builds, and caches under ``cache_dir``, its own
 engine), then CUDA, then CPU. Not yet verified on a GPU: no machine here has one.
@@ -43,10 +44,31 @@ def tensorrt_version() -> str | None:
     return None
 
 
+def _cuda_device_name() -> str | None:
+    """GPU 0's name from the CUDA driver (``cuDeviceGetName``, the string
+    ``torch.cuda.get_device_name`` reports), without torch; works on Jetson, which has no
+    ``nvidia-smi``. None without a driver or a device."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    device = ctypes.c_int()
+    name = ctypes.create_string_buffer(256)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(device), 0) != 0 \
+            or cuda.cuDeviceGetName(name, len(name), device) != 0:
+        return None
+    return name.value.decode(errors="replace").strip() or None
+
+
 @lru_cache(maxsize=1)
 def gpu_name() -> str | None:
-    """Name of GPU 0 as the driver reports it (what ``torch.cuda.get_device_name`` gives the
-    exporter); None without ``nvidia-smi`` or a GPU."""
+    """Name of GPU 0 as the driver reports it (what ``torch.cuda.get_device_name`` gave the
+    exporter): from the CUDA driver, else ``nvidia-smi``; None without either or a GPU."""
+    name = _cuda_device_name()
+    if name is not None:
+        return name
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
@@ -76,7 +98,8 @@ def plan_problem(engine: EngineSpec, manifest: Manifest, *, trt_version: str | N
     if trt_version != engine.trt_version:
         return f"built with TensorRT {engine.trt_version}, this process has {trt_version}"
     if gpu is None:
-        return f"cannot name the GPU here (nvidia-smi); the plan was built on {engine.gpu}"
+        return (f"cannot name the GPU here (no CUDA driver or nvidia-smi); the plan was built "
+                f"on {engine.gpu}")
     if gpu != engine.gpu:
         return f"built on {engine.gpu}, this machine has {gpu}"
     rate, clip = manifest.sample_rate, manifest.clip
