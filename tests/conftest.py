@@ -88,3 +88,18 @@ def tiny_demo(tiny_model_dir, tmp_path_factory):
     done = subprocess.run(["bash", str(root / "demo.sh")], env=env, cwd=root, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
     return out, done.stdout, done.returncode
+
+
+@pytest.fixture(scope="session")
+def default_int8_bundle(tiny_corpus, tmp_path_factory) -> Path:
+    """``models/default`` exported to INT8 (with its streaming split and tagger), calibrated
+    on the tiny corpus at 1 and 2 s; about 40 s. The accuracy search is left out (it needs a
+    labelled held-out split larger than the tiny corpus's to mean anything)."""
+    from clapedge.export.pipeline import ExportOptions, export_bundle
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("default-int8") / "bundle"
+    export_bundle(root / "models" / "default", out, ExportOptions(
+        precision="int8", calib=tiny_corpus, calib_clips=2, calib_lengths=(1.0, 2.0),
+        max_drop=None))
+    return out
