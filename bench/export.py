@@ -157,7 +157,7 @@ def _text_rows(work: Path, threads: int, runs: int, corpus: Path) -> dict:
     quantize.quantize_dynamic_matmul(fp32, dyn)
     int8 = work / "text" / "text.int8.onnx"
     calib = text_calibration_feeds(model, model_dir, corpus, {})  # train captions + probes
-    summary = quantize.quantize_text(fp32, int8, calib, rounding="nearest", form="smooth")
+    summary = quantize.quantize_text(fp32, int8, calib, rounding="gptq", form="smooth")
     # Accuracy on held-out style captions (none of them a calibration prompt) and the probes,
     # each prompt alone as the runtime runs them; speed on one prompt.
     from clapedge.calib.readers import read_source
@@ -178,7 +178,8 @@ def _text_rows(work: Path, threads: int, runs: int, corpus: Path) -> dict:
     a = _session(fp32, threads)
     ref = embed(a)
     out = {"fp32 ms": _time(lambda: a.run(None, feed), runs * 4), "fp32 MB": fp32.stat().st_size / 1e6,
-           "texts": len(feeds), "threads": threads, "alpha": summary.get("smooth_alpha")}
+           "texts": len(feeds), "threads": threads, "alpha": summary.get("smooth_alpha"),
+           "weights": "GPTQ weights" if "GPTQ" in summary["weights"] else "weights to nearest"}
     for key, path in (("dynamic", dyn), ("int8", int8)):
         b = _session(path, threads)
         out[f"{key} ms"] = _time(lambda b=b: b.run(None, feed), runs * 4)
@@ -231,7 +232,7 @@ def _markdown(rows, text, sizes, plan, args, machine) -> str:
             f"{text['fp32 MB']:.1f} MB; ORT dynamic INT8 {text['dynamic ms']:.2f} ms "
             f"({text['fp32 ms'] / text['dynamic ms']:.2f}x), cosine {text['dynamic cosine']:.4f}, "
             f"{text['dynamic MB']:.1f} MB; clapedge INT8 (SmoothQuant alpha {text['alpha']} + "
-            f"per-tensor dynamic, int8 embeddings) "
+            f"per-tensor dynamic, {text['weights']}, int8 embeddings) "
             f"{text['int8 ms']:.2f} ms ({text['fp32 ms'] / text['int8 ms']:.2f}x), cosine "
             f"{text['int8 cosine']:.4f}, {text['int8 MB']:.1f} MB "
             f"({text['int8 MB'] / text['fp32 MB']:.2f}x). Target (issue 5): >= 2x vs fp32 at "

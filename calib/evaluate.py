@@ -3,8 +3,10 @@
 MODEL is a PyTorch model directory (``config.json`` + ``model.safetensors``) or an exported
 bundle (``manifest.json``); both are judged by the same code, so fp32 and INT8 numbers are
 comparable. Zero-shot attribute classification uses prompt ensembles from
-``clapedge.train.attributes`` (averaged, re-normalised embeddings per label); retrieval is
-text->audio (the ESSR direction) and audio->text.
+``clapedge.train.attributes`` (averaged, re-normalised embeddings per label); a bundle whose
+label bank was encoded from exactly those prompts is scored against that stored bank, as its
+``tag()`` classifies (see ``stored_bank``). Retrieval is text->audio (the ESSR direction) and
+audio->text, through the model's own text tower.
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ class Embedder(Protocol):
     def embed_audio(self, signals: list[np.ndarray]) -> np.ndarray: ...
 
     def embed_text(self, texts: list[str]) -> np.ndarray: ...
+
+
+def stored_bank(embedder: Embedder, name: str, prompts: dict[str, list[str]]) -> np.ndarray | None:
+    """The label bank a bundle stores for ``name`` when it was encoded from exactly these
+    prompts (the exporter encodes banks with the fp32 PyTorch text tower, and ``tag()``
+    classifies against them), else None. Zero-shot classification of a bundle then scores
+    what its users get: an INT8 text tower changes free-text queries, not the stored banks."""
+    lookup = getattr(embedder, "stored_bank", None)
+    return None if lookup is None else lookup(name, prompts)
 
 
 @dataclass
@@ -124,7 +135,10 @@ def evaluate(embedder: Embedder, corpus: str | Path, *, split: str = "test",
         keep = [i for i, t in enumerate(truth) if t is not None and t in labels]
         if not keep:
             continue
-        bank = label_bank(embedder, label_prompts(attribute))
+        prompts = label_prompts(attribute)
+        bank = stored_bank(embedder, attribute, prompts)
+        if bank is None:
+            bank = label_bank(embedder, prompts)
         sims = audio[keep] @ bank.T
         y = np.array([labels.index(truth[i]) for i in keep])
         report.classification[attribute] = metrics.classification(y, sims.argmax(1), len(labels))
@@ -180,6 +194,13 @@ class _RuntimeEmbedder:
 
     def embed_text(self, texts: list[str]) -> np.ndarray:
         return self.runtime.embed_text(list(texts))
+
+    def stored_bank(self, name: str, prompts: dict[str, list[str]]) -> np.ndarray | None:
+        spec = self.runtime.manifest.banks.get(name)
+        wanted = {label: tuple(p) for label, p in prompts.items()}
+        if spec is None or list(spec.labels) != list(wanted) or dict(spec.prompts) != wanted:
+            return None
+        return self.runtime.bundle.bank(name)
 
 
 def write_report(report: EvalReport, json_path: Path | None, md_path: Path | None) -> None:

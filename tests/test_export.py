@@ -355,3 +355,25 @@ def test_accuracy_search_finds_a_text_tower_loss_first(tiny_model_dir, tiny_corp
     assert search["kept_float"] == []
     assert report.quantization["text"]["mode"] == "kept fp32 by the accuracy search"
     assert report.quality["task_drop"]["t2a/P@10"] == 0.0
+
+
+def test_clap_eval_scores_a_bundle_against_its_stored_banks(int8_bundle, tiny_corpus, monkeypatch):
+    # tag() classifies against the banks the exporter encoded with the fp32 PyTorch text
+    # tower; clap-eval must score that, not banks re-encoded by an INT8 text tower.
+    from clapedge.calib import evaluate as ev
+    from clapedge.train.attributes import ATTRIBUTES, label_prompts
+
+    embedder = ev.open_embedder(int8_bundle[0])
+    rt = embedder.runtime
+    prompts = label_prompts("sex")
+    np.testing.assert_array_equal(ev.stored_bank(embedder, "sex", prompts), rt.bundle.bank("sex"))
+    changed = {label: list(p) + ["Really."] for label, p in prompts.items()}
+    assert ev.stored_bank(embedder, "sex", changed) is None  # other prompts: not that bank
+    assert ev.stored_bank(embedder, "no-such-bank", prompts) is None
+
+    def text_banks_are_not_used(*args):
+        raise AssertionError("a stored bank was re-encoded with the text tower")
+
+    monkeypatch.setattr(ev, "label_bank", text_banks_are_not_used)
+    report = ev.evaluate(embedder, tiny_corpus, split="test")
+    assert set(report.classification) <= set(ATTRIBUTES) and report.classification
