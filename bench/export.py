@@ -12,6 +12,7 @@ cosine). Writes the ``export`` section of docs/benchmarks.md and docs/plots/enco
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -60,13 +61,6 @@ def _clips(corpus: Path, seconds: float, n: int) -> list[np.ndarray]:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from clapedge.bench.report import machine_line, write_section
-    from clapedge.export import graph, quantize
-    from clapedge.export.parity import centred_cosine
-    from clapedge.export.pipeline import ExportOptions, _Exporter
-    from clapedge.models import ClapModel, build_preset
-    from clapedge.models.minilm import minilm_dir
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="ess-clap")
     p.add_argument("--corpus", type=Path, default=None, help="clap-corpus dir (default: a fresh small one)")
@@ -74,9 +68,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clips", type=int, default=6, help="held-out clips per length for accuracy")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep the exported models (about 3 GB for ess-clap) and print where")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="clapedge-bench-export-"))
+    try:
+        _bench(args, work)
+    finally:
+        if args.keep_work:
+            print(f"exported models kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(args, work: Path) -> None:
+    import torch
+
+    from clapedge.bench.report import machine_line, write_section
+    from clapedge.export import quantize
+    from clapedge.export.parity import centred_cosine
+    from clapedge.export.pipeline import ExportOptions, _Exporter
+    from clapedge.models import ClapModel, build_preset
+    from clapedge.models.minilm import minilm_dir
+
     corpus = args.corpus
     if corpus is None:
         from clapedge.train.corpus import CorpusConfig, write_corpus
