@@ -19,6 +19,7 @@ the bookkeeping is right). ``python -m clapedge.bench.stream_cache [--seconds 90
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
+    if not (args.corpus / "manifest.jsonl").is_file():
+        sys.exit(f"error: {args.corpus}: no corpus (clap-corpus {args.corpus} --size default "
+                 f"--seed 0)")
     torch.set_num_threads(args.threads)
 
     model = ClapModel.from_dir(args.model).eval()

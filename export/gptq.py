@@ -30,31 +30,40 @@ DAMPING = 0.01  # fraction of the mean diagonal added to H (keeps the inverse we
 MAX_ROWS = 1024  # rows of X sampled per clip and tensor (H needs >> K rows, not all frames)
 
 
-def collect_hessians(model_path: Path, inputs: dict[str, str], feeds: list[dict[str, np.ndarray]],
-                     *, seed: int = 0, threads: int = 0) -> dict[str, np.ndarray]:
-    """``inputs``: node name -> the name of its activation input. Runs the float model on each
-    feed (one at a time: memory is one clip's activations) and returns node -> X^T X / rows."""
+def activations(model: onnx.ModelProto | Path, names: list[str],
+                feeds: list[dict[str, np.ndarray]], *, threads: int = 0):
+    """Yields {name: value} of the intermediate tensors ``names`` for each feed, running the
+    float model on one feed at a time (memory is one input's activations)."""
     import onnxruntime as ort
 
-    model = onnx.load(str(model_path))
-    known = {o.name for o in model.graph.output}
-    wanted = sorted(set(inputs.values()))
+    model = onnx.load(str(model)) if isinstance(model, Path) else model
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    wanted = sorted(set(names))
     for name in wanted:
         if name not in known:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
     # Extra outputs of intermediate tensors: keep the graph as written (no fusions across them).
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    del model
+    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del probe
+    for feed in feeds:
+        yield dict(zip(wanted, session.run(wanted, feed)))
+
+
+def collect_hessians(model_path: Path, inputs: dict[str, str], feeds: list[dict[str, np.ndarray]],
+                     *, seed: int = 0, threads: int = 0) -> dict[str, np.ndarray]:
+    """``inputs``: node name -> the name of its activation input. Runs the float model on each
+    feed (one at a time) and returns node -> X^T X / rows."""
     rng = np.random.default_rng(seed)
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
-    for feed in feeds:
-        values = dict(zip(wanted, session.run(wanted, feed)))
+    for values in activations(Path(model_path), list(inputs.values()), feeds, threads=threads):
         for name, x in values.items():
             x = x.reshape(-1, x.shape[-1]).astype(np.float32)
             if len(x) > MAX_ROWS:

@@ -340,21 +340,11 @@ def _gemm_input_amax(model: onnx.ModelProto, inputs: list[str],
                      feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Per-channel max |x| of each tensor in ``inputs`` (last axis) over ``feeds``, each
     fed alone."""
-    import copy
+    from clapedge.export.gptq import activations
 
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    probe = copy.deepcopy(model)
-    probe.graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None)
-                              for x in inputs)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), so,
-                                   providers=["CPUExecutionProvider"])
     amax: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        for name, value in zip(inputs, session.run(inputs, feed)):
+    for values in activations(model, inputs, feeds):
+        for name, value in values.items():
             m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
             amax[name] = m if name not in amax else np.maximum(amax[name], m)
     return amax
@@ -397,12 +387,11 @@ def smooth_gemm_inputs(model: onnx.ModelProto, gemms: list[str],
             init.CopyFrom(numpy_helper.from_array(w, init.name))
             node.input[0] = name
     # each Mul right before the first GEMM that reads it (the graph stays topological)
+    pending = {mul.output[0]: mul for mul in muls.values()}
     nodes = []
     for node in graph.node:
-        x = node.input[0][:-len("_smoothed")] if node.input and \
-            node.input[0].endswith("_smoothed") else None
-        if x in muls:
-            nodes.append(muls.pop(x))
+        if node.input and node.input[0] in pending:
+            nodes.append(pending.pop(node.input[0]))
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
@@ -455,7 +444,8 @@ def quantize_text(model_path: Path, out_path: Path, feeds: list[dict[str, np.nda
         rowwise_int8(q, plan.per_tensor, per_tensor=True, weights=weights)
         return q
 
-    ref = embed(model) if feeds else None
+    # fp32 reference embeddings of the prompts: only for the searches below
+    ref = embed(model) if feeds and (form == "smooth" or rounding == "gptq") else None
     alpha = None
     if form == "smooth":
         inputs = sorted({n.input[0] for n in model.graph.node if n.name in plan.per_tensor})

@@ -9,6 +9,7 @@ through its EP-context model only where they match, and otherwise falls back to 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,7 +181,9 @@ def build_engines(bundle: Path) -> None:
     ctx = context_model(onnx.load(str(bundle / audio.file), load_external_data=False),
                         "audio.plan", trt_version=info["trt_version"],
                         compute_capability=info.get("compute_capability"))
-    onnx.save_model(ctx, str(bundle / ctx_file))
+    tmp = bundle / f".{ctx_file}.tmp"
+    onnx.save_model(ctx, str(tmp))
+    os.replace(tmp, bundle / ctx_file)  # no half-written context model
     engine = mf.EngineSpec(file="audio.plan", sha256=mf.sha256_file(bundle / "audio.plan"),
                            tower="audio", trt_version=info["trt_version"], gpu=info["gpu"],
                            profiles=(ranges,), precision=audio.precision, context=ctx_file,

@@ -303,20 +303,27 @@ def test_force_replaces(fp32_bundle, tiny_model_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # nothing left aside
 
 
-def test_accuracy_search_keeps_sensitive_nodes_float(tiny_model_dir, tiny_corpus, tmp_path,
-                                                     monkeypatch):
-    """The search doubles the float set until the budget holds, and reports what it kept.
-    (The metric is stubbed: an untrained tiny model's task metrics are noise.)"""
+def _export_with_stubbed_metrics(metrics, tiny_model_dir, tiny_corpus, out, monkeypatch):
+    """An INT8 export of the tiny default model whose accuracy search sees ``metrics(name)``
+    (an untrained tiny model's real task metrics are noise)."""
     import clapedge.export.pipeline as pipeline
 
-    def fake_metrics(self, model, audio, text, banks, work, name):
+    monkeypatch.setattr(pipeline._Exporter, "task_metrics",
+                        lambda self, model, audio, text, banks, work, name: metrics(name))
+    return export_bundle(tiny_model_dir("default"), out, ExportOptions(
+        precision="int8", calib=tiny_corpus, calib_clips=1, calib_lengths=(1.0,), min_k=16,
+        max_drop=0.005, banks="none"))
+
+
+def test_accuracy_search_keeps_sensitive_nodes_float(tiny_model_dir, tiny_corpus, tmp_path,
+                                                     monkeypatch):
+    """The search doubles the float set until the budget holds, and reports what it kept."""
+    def fake_metrics(name):
         kept = 0 if name == "fp32" else int(name.split("-")[1])
         return {"uar/sex": 0.9 if name == "fp32" or kept >= 2 else 0.8}
 
-    monkeypatch.setattr(pipeline._Exporter, "task_metrics", fake_metrics)
-    report = export_bundle(tiny_model_dir("default"), tmp_path / "b", ExportOptions(
-        precision="int8", calib=tiny_corpus, calib_clips=1, calib_lengths=(1.0,), min_k=16,
-        max_drop=0.005, banks="none"))
+    report = _export_with_stubbed_metrics(fake_metrics, tiny_model_dir, tiny_corpus,
+                                          tmp_path / "b", monkeypatch)
     search = report.quantization["accuracy_search"]
     # First the same audio with the float text tower (no better here: the text stays INT8),
     # then the audio nodes.
@@ -339,16 +346,12 @@ def test_accuracy_search_finds_a_text_tower_loss_first(tiny_model_dir, tiny_corp
                                                        monkeypatch):
     """A loss that only the float text tower removes (retrieval reads both towers) ends the
     search at once with the text tower float and every audio node INT8."""
-    import clapedge.export.pipeline as pipeline
-
-    def fake_metrics(self, model, audio, text, banks, work, name):
+    def fake_metrics(name):
         text_float = name == "fp32" or name.endswith("-1")
         return {"t2a/P@10": 0.5 if text_float else 0.49}
 
-    monkeypatch.setattr(pipeline._Exporter, "task_metrics", fake_metrics)
-    report = export_bundle(tiny_model_dir("default"), tmp_path / "b", ExportOptions(
-        precision="int8", calib=tiny_corpus, calib_clips=1, calib_lengths=(1.0,), min_k=16,
-        max_drop=0.005, banks="none"))
+    report = _export_with_stubbed_metrics(fake_metrics, tiny_model_dir, tiny_corpus,
+                                          tmp_path / "b", monkeypatch)
     search = report.quantization["accuracy_search"]
     assert [(a["audio_nodes_kept_float"], a["text_float"]) for a in search["attempts"]] == [
         (0, False), (0, True)]
