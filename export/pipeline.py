@@ -494,6 +494,10 @@ class _Exporter:
                 with self.step("split the audio tower for streaming"):
                     split = stream_split.try_split(audio, work, model, sr)
                     self.report.stream = split.record() if split is not None else {}
+            step = None
+            if split is not None and model.config.audio.causal_context is not None:
+                with self.step("export the causal streaming step"):
+                    step = self.export_step(model, split, audio, work, sr)
             with self.step("write bundle"):
                 staged = tmp / "bundle"
                 text_precision = "fp32" if text == text32 else opts.precision
@@ -501,7 +505,7 @@ class _Exporter:
                                   banks, tagger,
                                   tagger_bank)
                 if split is not None:
-                    stream_split.record_in_bundle(staged, split)
+                    stream_split.record_in_bundle(staged, split, step)
                 (staged / "export_report.json").write_text(
                     json.dumps(self.report.to_dict(), indent=2, sort_keys=True) + "\n")
                 _fsync_tree(staged)
@@ -511,6 +515,23 @@ class _Exporter:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.report
+
+    def export_step(self, model, split, audio: Path, work: Path, sr: int):
+        """A causal model's streaming step (export/stream_step.py), or None (logged: streams
+        then re-encode each window) when it cannot be exported or fails its checks."""
+        from clapedge.export.stream_step import StepUnsupported, export_step
+
+        window = 2 * sr  # the streams' default window
+        try:
+            step = export_step(model, work / "step", int8=self.opts.precision == "int8",
+                               metadata=self.metadata(model, "audio"), frontend=split.frontend,
+                               audio=audio, window_samples=window)
+        except (StepUnsupported, ExportError) as e:
+            log.warning("no causal streaming step (streams will re-encode each window): %s", e)
+            self.report.stream["step"] = {"error": str(e)}
+            return None
+        self.report.stream["step"] = step.record()
+        return step
 
     def build_banks(self, model, tok, pad_id) -> dict[str, tuple[BankSource, np.ndarray]]:
         sources = builtin_banks(self.opts.banks) + [read_bank_file(n, p) for n, p in self.opts.bank_files]

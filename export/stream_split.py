@@ -492,9 +492,31 @@ def verify_split(audio: Path, frontend: Path, encoder: Path, geometry: FrameGeom
 
 # --------------------------------------------------------------------------- bundles
 
+def step_spec(folder: Path, step, precision: str, audio: mf.TowerSpec) -> mf.TowerSpec:
+    """Copies a causal model's exported step (``stream_step.StepExport``) into the bundle
+    ``folder`` as ``audio_step.onnx`` and describes it."""
+    from clapedge.export.stream_step import STEP_FILE
+
+    shutil.copyfile(step.path, folder / STEP_FILE)
+    h, n, kv = step.hidden, "frames", (step.layers, 1, step.causal_context, step.hidden)
+    inputs = (mf.TensorSpec(mf.FRAMES, "float32", (1, n, h)),
+              mf.TensorSpec("context", "float32", (1, step.context_frames, h)),
+              mf.TensorSpec("past_key", "float32", kv), mf.TensorSpec("past_value", "float32", kv),
+              mf.TensorSpec("past_valid", "int64", (1,)),
+              mf.TensorSpec("past_sum", "float32", (1, h)),
+              mf.TensorSpec("past_count", "float32", (1,)))
+    new_kv = (step.layers, 1, n, h)
+    outputs = tuple(audio.outputs) + (mf.TensorSpec("new_key", "float32", new_kv),
+                                      mf.TensorSpec("new_value", "float32", new_kv),
+                                      mf.TensorSpec("new_hidden", "float32", (1, n, h)))
+    return mf.TowerSpec(STEP_FILE, mf.sha256_file(folder / STEP_FILE), precision, inputs,
+                        outputs, heads=dict(audio.heads))
+
+
 def stream_spec(folder: Path, result: SplitResult, precision: str,
-                audio: mf.TowerSpec) -> mf.StreamSpec:
-    """Copies the two halves into the bundle ``folder`` and describes them."""
+                audio: mf.TowerSpec, step=None) -> mf.StreamSpec:
+    """Copies the two halves (and a causal model's step) into the bundle ``folder`` and
+    describes them."""
     for path in (result.frontend, result.encoder):
         if path.parent.resolve() != folder.resolve():
             shutil.copyfile(path, folder / path.name)
@@ -510,15 +532,18 @@ def stream_spec(folder: Path, result: SplitResult, precision: str,
                          frame_stride=result.geometry.stride,
                          receptive_field=result.geometry.receptive_field,
                          exact=result.exact, boundary=result.boundary,
-                         max_abs_error=result.max_abs_error)
+                         max_abs_error=result.max_abs_error,
+                         step=None if step is None else step_spec(folder, step, precision, audio),
+                         causal_context=None if step is None else step.causal_context,
+                         step_context=None if step is None else step.context_frames)
 
 
-def record_in_bundle(folder: Path, result: SplitResult) -> mf.Manifest:
-    """Copies the halves into the bundle ``folder`` and records them in its manifest
-    (rewritten atomically, with file sizes)."""
+def record_in_bundle(folder: Path, result: SplitResult, step=None) -> mf.Manifest:
+    """Copies the halves (and a causal model's step) into the bundle ``folder`` and records
+    them in its manifest (rewritten atomically, with file sizes)."""
     manifest = mf.read_manifest(folder)
     manifest.stream = stream_spec(folder, result, manifest.towers.audio.precision,
-                                  manifest.towers.audio)
+                                  manifest.towers.audio, step)
     manifest = manifest.with_sizes(folder)
     mf.write_manifest(folder, manifest)
     return manifest

@@ -33,8 +33,14 @@ tower's (embedding, head logits...) plus ``new_key`` / ``new_value`` [L, 1, N, H
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
 import torch
 from torch import nn
+
+from clapedge.models import causal
 
 
 class StepUnsupported(ValueError):
@@ -51,7 +57,13 @@ def _pos_conv_reach(encoder: nn.Module) -> int:
 
 
 class StepEncoder(nn.Module):
-    """The audio tower after its front end, one streaming step at a time (see module doc)."""
+    """The audio tower after its front end, one streaming step at a time (see module doc).
+
+    For a causal model (``audio.causal_context`` = L) the step is exact: ``context`` is the
+    K-1 encoder-input frames before the new ones (K the positional-conv kernel), ``past_*``
+    the last (at most) L frames' keys/values, and the new frames' states are what encoding
+    the whole stream at once gives them. ``past_hidden`` holds the final states of the
+    window's older frames (pooling only)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -65,7 +77,11 @@ class StepEncoder(nn.Module):
         self.heads = cfg.num_attention_heads
         self.hidden = cfg.hidden_size
         self.head_dim = self.hidden // self.heads
-        self.context = _pos_conv_reach(self.encoder)
+        self.causal = tower.causal_context
+        if self.causal is not None:
+            self.context = causal.positional_kernel(self.encoder) - 1
+        else:
+            self.context = _pos_conv_reach(self.encoder)
         self.head_names = [h.name for h in model.config.heads]
         for layer in self.encoder.layers:
             if getattr(layer, "adapter_layer", None) is not None:
@@ -77,14 +93,16 @@ class StepEncoder(nn.Module):
         return len(self.encoder.layers)
 
     def _positional(self, frames: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Positional conv output of the N new frames, from C context frames + the new ones;
-        beyond the new frames the conv pads with zeros, as at the end of an offline window.
-        Context rows that are all zero (before the window) stay zero through a data2vec
-        stack, as the offline padding does."""
+        """Positional conv output of the N new frames, from C context frames + the new ones.
+        Bidirectional: beyond the new frames the conv pads with zeros, as at the end of an
+        offline window (context rows that are all zero stay zero through a data2vec stack, as
+        the offline padding does). Causal: exact, the conv reads only the past."""
         n = frames.shape[1]
         ext = torch.cat([context, frames], dim=1)
         pos = self.encoder.pos_conv_embed
-        if hasattr(pos, "frame_mask"):  # MaskedConvStack (data2vec-audio)
+        if self.causal is not None:
+            out = causal.causal_positional(pos, ext)
+        elif hasattr(pos, "frame_mask"):  # MaskedConvStack (data2vec-audio)
             pos.frame_mask = ext.abs().sum(dim=-1) > 0
             try:
                 out = pos(ext)
@@ -94,56 +112,31 @@ class StepEncoder(nn.Module):
             out = pos(ext)
         return out[:, out.shape[1] - n:]
 
-    def _bias(self, attention: nn.Module, past: int | torch.Tensor, n: int | torch.Tensor,
-              like: torch.Tensor) -> torch.Tensor:
-        """WavLM's relative-position bias [heads, N, P+N] for queries P..P+N-1."""
-        query = torch.arange(n, device=like.device)[:, None] + past
-        key = torch.arange(past + n, device=like.device)[None, :]
-        bucket = attention._relative_positions_bucket(key - query)
-        return attention.rel_attn_embed(bucket).permute(2, 0, 1)
-
-    def _attend(self, layer: nn.Module, x: torch.Tensor, past_k: torch.Tensor,
-                past_v: torch.Tensor, bias: torch.Tensor | None):
-        attn = layer.attention
-        b, n, _ = x.shape
-        q = attn.q_proj(x)
-        k_new, v_new = attn.k_proj(x), attn.v_proj(x)
-        k = torch.cat([past_k, k_new], dim=1)
-        v = torch.cat([past_v, v_new], dim=1)
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, t.shape[1], self.heads, self.head_dim).transpose(1, 2)
-
-        scores = torch.matmul(heads(q) * (self.head_dim ** -0.5), heads(k).transpose(2, 3))
-        if bias is not None:  # WavLM: the bias gated per query from the layer's input
-            g = attn.gru_rel_pos_linear(heads(x))  # [B, heads, N, 8]
-            g = g.reshape(b, self.heads, n, 2, 4).sum(-1)
-            gate_a, gate_b = torch.sigmoid(g).chunk(2, dim=-1)
-            gate = gate_a * (gate_b * attn.gru_rel_pos_const - 1.0) + 2.0  # [B, heads, N, 1]
-            scores = scores + gate * bias.unsqueeze(0)
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, heads(v)).transpose(1, 2).reshape(b, n, self.hidden)
-        return attn.out_proj(out), k_new, v_new
-
     def forward(self, frames: torch.Tensor, context: torch.Tensor, past_key: torch.Tensor,
                 past_value: torch.Tensor, past_hidden: torch.Tensor):
         enc = self.encoder
         n = frames.shape[1]
-        past = past_hidden.shape[1]
+        past = past_key.shape[2]
         h = frames + self._positional(frames, context)
         if not self.stable:
             h = enc.layer_norm(h)
-        bias = None
-        if self.wavlm:
-            bias = self._bias(enc.layers[0].attention, past, n, h)
+        query = torch.arange(n, device=h.device) + past
+        key = torch.arange(past + n, device=h.device)
+        if self.causal is not None:
+            visible = causal.allowed(query, key, self.causal)
+        else:
+            visible = torch.ones(n, past + n, dtype=torch.bool, device=h.device)
+        bias = causal.relative_bias(enc.layers[0].attention, query, key) if self.wavlm else None
         keys, values = [], []
         for i, layer in enumerate(enc.layers):
             if self.stable:
-                a, k, v = self._attend(layer, layer.layer_norm(h), past_key[i], past_value[i], bias)
+                a, k, v = causal.attend(layer.attention, layer.layer_norm(h), past_key[i],
+                                        past_value[i], visible, bias, self.heads)
                 h = h + a
                 h = h + layer.feed_forward(layer.final_layer_norm(h))
             else:
-                a, k, v = self._attend(layer, h, past_key[i], past_value[i], bias)
+                a, k, v = causal.attend(layer.attention, h, past_key[i], past_value[i],
+                                        visible, bias, self.heads)
                 h = layer.layer_norm(h + a)
                 h = layer.final_layer_norm(h + layer.feed_forward(h))
             keys.append(k)
@@ -210,3 +203,236 @@ def cached_windows(step: StepEncoder, frames: torch.Tensor, window: int, hop: in
         for i in [i for i in keys if i < f0 + hop]:  # bounded: at most one window cached
             del keys[i], values[i], finals[i]
         yield f0, out[:-3], new.shape[1]
+
+
+@torch.no_grad()
+def causal_windows(step: StepEncoder, frames: torch.Tensor, window: int, hop: int):
+    """Yields (first frame, step outputs) for the windows of ``window`` frames every ``hop``
+    frames over ``frames`` [1, F, H] of a causal model, each window computing only the frames
+    it has not seen (the first: the whole window; later: the hop's new frames) against the
+    caches a stream keeps: the last K-1 encoder-input frames, the last L keys/values per
+    layer, the final states of the window's older frames. Exact: equal to encoding the whole
+    stream at once and pooling each window's frames."""
+    if step.causal is None:
+        raise StepUnsupported("causal_windows needs a causal model (audio.causal_context)")
+    hidden = step.hidden
+    context, keys, values, finals = step.empty_cache(frames.dtype)
+    done = 0  # frames computed so far; finals holds frames [done - finals.shape[1], done)
+    for f0 in range(0, frames.shape[1] - window + 1, hop):
+        new = frames[:, done:f0 + window]
+        past_hidden = finals[:, finals.shape[1] - (done - f0):] if done > f0 else \
+            frames.new_zeros(1, 0, hidden)
+        out = step(new, context, keys, values, past_hidden)
+        nk, nv, nh = out[-3:]
+        keys = torch.cat([keys, nk], dim=2)[:, :, -step.causal:]
+        values = torch.cat([values, nv], dim=2)[:, :, -step.causal:]
+        context = torch.cat([context, new], dim=1)[:, -step.context:]
+        finals = torch.cat([past_hidden, nh], dim=1)
+        done = f0 + window
+        yield f0, out[:-3]
+
+
+class CausalStep(nn.Module):
+    """The exported (ONNX) form of a causal model's streaming step, with fixed-size caches so
+    the graph has no zero-length axis (the first window has nothing cached):
+
+    inputs  ``frames`` [1, N, H] the new encoder-input frames; ``context`` [1, K-1, H] the
+            frames before them (zeros before the stream's start, as the conv's own padding);
+            ``past_key`` / ``past_value`` [layers, 1, L, H] the keys/values of the last L
+            frames, newest last, of which the last ``past_valid`` [1] (int64) exist;
+            ``past_sum`` [1, H] / ``past_count`` [1] the sum and number of the final states
+            of the window's older frames (mean pooling over the window);
+    outputs the tower's ``embedding`` (+ heads), then ``new_key`` / ``new_value``
+            [layers, 1, N, H] and ``new_hidden`` [1, N, H] for the caller's caches.
+
+    Only mean poolings (``masked_mean``, ``mean``: a stream window has no padding) can be
+    split this way; other poolings raise StepUnsupported."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.step = StepEncoder(model)
+        if self.step.causal is None:
+            raise StepUnsupported("the model is not causal (audio.causal_context)")
+        pooling = model.config.audio.pooling
+        if pooling not in ("masked_mean", "mean"):
+            raise StepUnsupported(f"audio.pooling={pooling!r}: the streaming step pools with "
+                                  "running sums (masked_mean or mean only)")
+        self.left = int(self.step.causal)
+
+    def forward(self, frames, context, past_key, past_value, past_valid, past_sum, past_count):
+        s = self.step
+        enc = s.encoder
+        n = frames.shape[1]
+        h = frames + s._positional(frames, context)
+        if not s.stable:
+            h = enc.layer_norm(h)
+        query = torch.arange(n, device=h.device) + self.left
+        key = torch.arange(self.left + n, device=h.device)
+        visible = causal.allowed(query, key, self.left) & (key >= self.left - past_valid)[None, :]
+        bias = causal.relative_bias(enc.layers[0].attention, query, key) if s.wavlm else None
+        keys, values = [], []
+        for i, layer in enumerate(enc.layers):
+            x = layer.layer_norm(h) if s.stable else h
+            a, k, v = causal.attend(layer.attention, x, past_key[i], past_value[i], visible,
+                                    bias, s.heads)
+            if s.stable:
+                h = h + a
+                h = h + layer.feed_forward(layer.final_layer_norm(h))
+            else:
+                h = layer.layer_norm(h + a)
+                h = layer.final_layer_norm(h + layer.feed_forward(h))
+            keys.append(k)
+            values.append(v)
+        if s.stable:
+            h = enc.layer_norm(h)
+        pooled = (past_sum + h.sum(dim=1)) / (past_count + n).unsqueeze(-1)
+        embedding = nn.functional.normalize(s.model.audio_projection(pooled), dim=-1)
+        outs = [embedding]
+        if s.head_names:
+            logits = s.model.heads(pooled, embedding)
+            outs += [logits[name] for name in s.head_names]
+        return (*outs, torch.stack(keys), torch.stack(values), h)
+
+    def example_inputs(self, frames: int = 8):
+        s = self.step
+        g = torch.Generator().manual_seed(0)
+        return (torch.randn(1, frames, s.hidden, generator=g),
+                torch.randn(1, s.context, s.hidden, generator=g),
+                torch.randn(s.layers, 1, self.left, s.hidden, generator=g),
+                torch.randn(s.layers, 1, self.left, s.hidden, generator=g),
+                torch.tensor([self.left // 2], dtype=torch.int64),
+                torch.randn(1, s.hidden, generator=g),
+                torch.tensor([3.0]))
+
+
+# --------------------------------------------------------------------------- export
+
+STEP_FILE = "audio_step.onnx"
+from clapedge.runtime.manifest import STEP_INPUTS, STEP_OUTPUTS as STEP_STATE_OUTPUTS  # noqa: E402
+MIN_STEP_FRAMES = 2  # the exported graph's smallest step (dynamo specialises size-1 axes)
+
+
+@dataclass
+class StepExport:
+    """An exported causal step (``audio_step.onnx``) and what the export measured."""
+
+    path: Path
+    causal_context: int
+    context_frames: int
+    layers: int
+    hidden: int
+    parity_max_abs_error: float   # ONNX fp32 step vs the PyTorch step
+    window_cosine: float          # front end + step over one window vs the audio tower
+
+    def record(self) -> dict:
+        out = asdict(self)
+        out["path"] = self.path.name
+        return out
+
+
+def _weight_matmuls(model: onnx.ModelProto) -> list[str]:
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+
+
+def quantize_step(fp32: Path, out: Path) -> None:
+    """Per-tensor dynamic INT8 of the step's weight GEMMs (DynamicQuantizeMatMul, the form of
+    the audio tower's transformer GEMMs); attention's activation x activation MatMuls stay
+    float, as in the audio tower."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from clapedge.export.onnx_export import IR_VERSION
+
+    model = onnx.load(str(fp32))
+    del model.graph.value_info[:]
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"node_{i}"
+    clean = out.with_suffix(".clean.onnx")
+    onnx.save_model(model, str(clean))
+    try:
+        quantize_dynamic(str(clean), str(out), op_types_to_quantize=["MatMul"],
+                         nodes_to_quantize=_weight_matmuls(model), per_channel=False,
+                         weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        clean.unlink(missing_ok=True)
+    quantized = onnx.load(str(out))
+    quantized.ir_version = min(quantized.ir_version, IR_VERSION)
+    onnx.save_model(quantized, str(out))
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def export_step(model: nn.Module, work: Path, *, int8: bool, metadata: dict[str, str],
+                frontend: Path, audio: Path, window_samples: int) -> StepExport:
+    """Exports the causal step of ``model`` (``CausalStep``), checks it against the PyTorch
+    step, quantizes it when the bundle is INT8, and checks it end to end the way a stream
+    uses it: the split's front end over one window, then the step with nothing cached, must
+    give the audio tower's embedding of that window (cosine >= 0.9999 fp32, >= 0.99 INT8).
+    Raises StepUnsupported (the bundle then streams whole windows) when a check fails."""
+    import numpy as np
+
+    from clapedge.export.onnx_export import AxisSpec, export_module
+    from clapedge.runtime import manifest as mf
+
+    step = CausalStep(model).eval()
+    heads = [mf.HEAD_PREFIX + h for h in step.step.head_names]
+    outputs = [mf.EMBEDDING, *heads, *STEP_STATE_OUTPUTS]
+    raw = work / "audio_step.fp32.onnx"
+    export_module(step, step.example_inputs(), raw, input_names=STEP_INPUTS,
+                  output_names=outputs,
+                  dynamic={"frames": {1: AxisSpec("frames", MIN_STEP_FRAMES, 1 << 20)}},
+                  metadata={**metadata, "clapedge.role": "audio_step",
+                            "causal_context": str(step.left)},
+                  what="causal streaming step")
+    session = _session(raw)
+    worst = 0.0
+    for n in (MIN_STEP_FRAMES, 9, 31):
+        args = step.example_inputs(n)
+        with torch.no_grad():
+            want = [t.numpy() for t in step(*args)]
+        got = session.run(None, {k: v.numpy() for k, v in zip(STEP_INPUTS, args)})
+        worst = max(worst, max(float(np.abs(g - w).max()) for g, w in zip(got, want)))
+    if not worst < 1e-3:
+        raise StepUnsupported(f"the exported step differs from PyTorch by {worst:.3g}")
+    path = raw
+    if int8:
+        path = work / "audio_step.int8.onnx"
+        quantize_step(raw, path)
+    # end to end, the runtime's way: front end frames of one window, the step from scratch
+    rng = np.random.default_rng(0)
+    wave = (rng.standard_normal((1, window_samples)) * 0.1).astype(np.float32)
+    mask = np.ones_like(wave, dtype=np.int64)
+
+    def run(p: Path, feeds: dict) -> list:
+        s = _session(p)
+        names = {i.name for i in s.get_inputs()}
+        return s.run(None, {k: v for k, v in feeds.items() if k in names})
+
+    frames = run(frontend, {mf.WAVEFORM: wave, mf.ATTENTION_MASK: mask})[0]
+    if frames.shape[-1] != step.step.hidden:
+        raise StepUnsupported(f"the streaming split's frames have {frames.shape[-1]} channels, "
+                              f"the encoder takes {step.step.hidden}")
+    s = step.step
+    feeds = {"frames": frames.astype(np.float32),
+             "context": np.zeros((1, s.context, s.hidden), np.float32),
+             "past_key": np.zeros((s.layers, 1, step.left, s.hidden), np.float32),
+             "past_value": np.zeros((s.layers, 1, step.left, s.hidden), np.float32),
+             "past_valid": np.zeros(1, np.int64), "past_sum": np.zeros((1, s.hidden), np.float32),
+             "past_count": np.zeros(1, np.float32)}
+    got = run(path, feeds)[0][0]
+    want = run(audio, {mf.WAVEFORM: wave, mf.ATTENTION_MASK: mask})[0][0]
+    cosine = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
+    if not cosine >= (0.99 if int8 else 0.9999):
+        raise StepUnsupported(f"front end + step over one window gives cosine {cosine:.4f} "
+                              f"to the audio tower (the split's frames are not the encoder's "
+                              f"input?)")
+    return StepExport(path, step.left, s.context, s.layers, s.hidden, worst, cosine)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clapedge.models import causal
 from clapedge.models.backbones import build_backbone
 from clapedge.models.config import AudioTowerConfig
 from clapedge.models.pooling import build_pooling
@@ -89,6 +90,7 @@ class AudioTower(nn.Module):
         self.base = build_backbone(cfg.backbone, cfg.backbone_config, audio=True)
         self.pooling = build_pooling(cfg.pooling, self.hidden_size)
         self.normalize_waveform = cfg.normalize_waveform
+        self.causal_context = cfg.causal_context
         self.kernels = list(self.base.config.conv_kernel)
         self.strides = list(self.base.config.conv_stride)
         if cfg.backbone == "data2vec-audio":
@@ -118,6 +120,9 @@ class AudioTower(nn.Module):
     def _encode(self, projected: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """The HF encoder; it zeroes padded frames before the positional conv and masks them
         as attention keys. A data2vec conv stack gets the mask for the duration of the call."""
+        if self.causal_context is not None:
+            return causal.encode(self.base.encoder, self.base.config, projected, frame_mask,
+                                 self.causal_context)
         pos_conv = self.base.encoder.pos_conv_embed
         stack = pos_conv if isinstance(pos_conv, MaskedConvStack) else None
         if stack is not None:

@@ -59,6 +59,10 @@ class AudioTowerConfig:
     ``first`` frame; ``attention`` (softmax over valid frames against a learned query).
     normalize_waveform: per-clip zero mean / unit variance over valid samples, inside the
     model (the HF feature extractor's ``do_normalize``), so exported graphs include it.
+    causal_context: None (the seeds: bidirectional attention, a centred positional conv) or
+    L frames: each frame attends to itself and at most L earlier frames and the positional
+    conv reads only the past (models/causal.py), so a stream encodes only its new frames,
+    exactly. Left out of config.json when None, so such configs read as before.
     """
 
     backbone: str
@@ -66,6 +70,7 @@ class AudioTowerConfig:
     pooling: str = "masked_mean"
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     normalize_waveform: bool = False
+    causal_context: int | None = None
 
 
 @dataclass
@@ -125,7 +130,10 @@ class ClapConfig:
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["audio"]["causal_context"] is None:
+            del data["audio"]["causal_context"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -262,6 +270,11 @@ def validate(cfg: ClapConfig) -> None:
     _choice("audio.pooling", cfg.audio.pooling, AUDIO_POOLINGS)
     _validate_projection("audio.projection", cfg.audio.projection, cfg.embed_dim)
     _validate_backbone("audio", cfg.audio.backbone, cfg.audio.backbone_config, audio=True)
+    if cfg.audio.causal_context is not None:
+        _positive_int("audio.causal_context", cfg.audio.causal_context)
+        if cfg.audio.backbone not in ("wav2vec2", "hubert", "wavlm"):
+            raise ConfigError(f"audio.causal_context: not supported for audio.backbone="
+                              f"{cfg.audio.backbone!r} (wav2vec2, hubert, wavlm)")
 
     _choice("text.backbone", cfg.text.backbone, TEXT_BACKBONES)
     _choice("text.pooling", cfg.text.pooling, TEXT_POOLINGS)

@@ -243,7 +243,8 @@ class Bundle:
     # -- towers
 
     # The streaming split's halves (manifest ``stream``) open like towers under these roles.
-    STREAM_ROLES = {"audio_frontend": "frontend", "audio_encoder": "encoder"}
+    STREAM_ROLES = {"audio_frontend": "frontend", "audio_encoder": "encoder",
+                    "audio_step": "step"}
 
     def _spec(self, role: str) -> TowerSpec | None:
         if role in self.STREAM_ROLES:

@@ -12,6 +12,8 @@ A bundle is a directory with ``manifest.json`` beside the files it names::
     BUNDLE/*_ctx.onnx       engines.context (optional, format 1.3; EP-context model of a plan)
     BUNDLE/audio_frontend.onnx stream.frontend (optional, format 1.2; the audio tower cut
     BUNDLE/audio_encoder.onnx  stream.encoder   in two for streaming, see ``StreamSpec``)
+    BUNDLE/audio_step.onnx     stream.step      (optional, format 1.4; causal models only:
+                                                 the encoder one hop at a time, see below)
 
 Every file is named by a relative POSIX path inside the bundle and carries its sha256 and
 (format 1.1) its size in bytes; the runtime verifies each file when it opens it, the size
@@ -40,6 +42,14 @@ them; ``batch``, ``samples`` and ``tokens`` are named dynamic dimensions)::
     stream.encoder   in   frames    float32 [batch, frames, channels]
                      in   attention_mask  int64 [batch, samples]  (the window's samples)
                      out  as audio
+    stream.step      in   frames     float32 [1, frames, H]   new encoder-input frames
+                     in   context    float32 [1, C, H]        the C frames before them
+                     in   past_key, past_value  float32 [layers, 1, L, H]  last L frames
+                     in   past_valid int64 [1]    how many of the L cached frames exist
+                     in   past_sum   float32 [1, H]  sum of the window's older final states
+                     in   past_count float32 [1]  how many there are
+                     out  as audio, then new_key, new_value [layers, 1, frames, H] and
+                          new_hidden [1, frames, H]  (``export/stream_step.py``)
 
 Each ONNX file should also describe itself in ``metadata_props`` (as sherpa-onnx models
 do), so a file separated from its bundle stays usable: ``role`` (audio|text|tagger),
@@ -51,8 +61,8 @@ fp16 and int8 towers keep float32 inputs and outputs (the runtime casts to whate
 a tower declares, so a float16 input also works, but float32 I/O is the convention).
 
 Versioning: ``format_version`` is ``"MAJOR.MINOR"`` (1.1 added the optional ``size`` of
-every file, 1.2 the optional ``stream`` split, 1.3 an engine's optional EP-context model;
-older bundles still load). The runtime
+every file, 1.2 the optional ``stream`` split, 1.3 an engine's optional EP-context model,
+1.4 the optional causal streaming step ``stream.step``; older bundles still load). The runtime
 refuses another major version. A newer minor version may add fields: unknown keys are then
 ignored; with the same or an older minor version an unknown key is an error (it is a typo or
 a corrupt file).
@@ -76,7 +86,10 @@ from typing import Any, Callable, Mapping
 
 from clapedge.errors import BundleError, ConfigError
 
-FORMAT_VERSION = "1.3"
+FORMAT_VERSION = "1.4"
+STEP_INPUTS = ("frames", "context", "past_key", "past_value", "past_valid", "past_sum",
+               "past_count")
+STEP_OUTPUTS = ("new_key", "new_value", "new_hidden")
 MANIFEST_NAME = "manifest.json"
 # A manifest is a few KB (prompt lists make it a few hundred); refuse absurd ones unread.
 MAX_MANIFEST_BYTES = 64 << 20
@@ -451,9 +464,15 @@ class StreamSpec:
     exact: bool
     boundary: str | None = None
     max_abs_error: float | None = None
+    step: TowerSpec | None = None
+    causal_context: int | None = None
+    step_context: int | None = None
 
     def __post_init__(self):
-        for name in ("frame_stride", "receptive_field"):
+        if self.step is not None and (self.causal_context is None or self.step_context is None):
+            _fail("stream.step", "needs causal_context and step_context")
+        for name in ("frame_stride", "receptive_field") + (
+                ("causal_context", "step_context") if self.step is not None else ()):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 _fail(name, f"{v!r} must be a positive integer")
@@ -567,9 +586,23 @@ class Manifest:
         for spec in (s.frontend, s.encoder):
             if spec.bank is not None or spec.k is not None:
                 _fail("stream", "bank/k are set on the tagger tower only")
+        if s.step is not None:
+            names = {i.name for i in s.step.inputs}
+            missing = [n for n in STEP_INPUTS if n not in names]
+            if missing:
+                _fail("stream.step.inputs", f"missing {missing}")
+            outs = sorted(o.name for o in s.step.outputs)
+            if outs != sorted(want + list(STEP_OUTPUTS)) or s.step.heads != audio.heads:
+                _fail("stream.step.outputs", f"must be the audio tower's outputs {want} and "
+                                             f"{list(STEP_OUTPUTS)}")
+            if s.step.input(FRAMES).shape[2] != frames[1].shape[2]:
+                _fail("stream.step", "its frames must have the encoder's channels")
 
     def stream_towers(self) -> list[TowerSpec]:
-        return [] if self.stream is None else [self.stream.frontend, self.stream.encoder]
+        if self.stream is None:
+            return []
+        return [self.stream.frontend, self.stream.encoder] + (
+            [self.stream.step] if self.stream.step is not None else [])
 
     # -- helpers for the exporter and the loader
 
@@ -598,7 +631,8 @@ class Manifest:
                 self.stream, **{part: dataclasses.replace(
                     sized(getattr(self.stream, part)), external_data=tuple(
                         sized(x) for x in getattr(self.stream, part).external_data))
-                    for part in ("frontend", "encoder")})
+                    for part in ("frontend", "encoder")
+                    + (("step",) if self.stream.step is not None else ())})
         return m
 
     def files(self) -> list[tuple[str, str]]:
@@ -853,7 +887,8 @@ class _Reader:
             "frontend": (self.tower, _MISSING), "encoder": (self.tower, _MISSING),
             "frame_stride": (self.i, _MISSING), "receptive_field": (self.i, _MISSING),
             "exact": (self.b, _MISSING), "boundary": (self.s, None),
-            "max_abs_error": (self.f, None)})
+            "max_abs_error": (self.f, None), "step": (self.tower, None),
+            "causal_context": (self.i, None), "step_context": (self.i, None)})
 
     def model(self, v, path):
         return self.obj(v, path, ModelInfo, {"name": (self.s, _MISSING),

@@ -76,7 +76,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("clapedge.runtime")
 
-REUSE_MODES = ("auto", "approx", "off")
+REUSE_MODES = ("auto", "frames", "approx", "off")
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,7 @@ class FramePlan:
     receptive_field: int
     frames: int
     exact: bool
+    step: bool = False   # a causal bundle's step encodes only each hop's new frames
 
 
 class FrameCache:
@@ -188,6 +189,7 @@ class AudioStream:
         self.plan = plan
         self.plan_reason = plan_reason       # why frames are (not) reused
         self.frames = FrameCache(plan) if plan is not None else None
+        self.step: StepState | None = None   # set by plan_reuse's caller for a step plan
         self._resampler: Resampler | None = None
         self._in_rate: int | None = None
         self._in_samples = 0
@@ -395,11 +397,73 @@ def plan_reuse(rt: "Runtime", config: StreamConfig) -> tuple[FramePlan | None, s
         return None, (f"an offline window of {config.window_s} s is not encoded as one "
                       f"unpadded clip (clip policy min/max_seconds, bucket_seconds)")
     rt.bundle.tower("audio_frontend")
-    rt.bundle.tower("audio_encoder")
     frames = (window - split.receptive_field) // split.frame_stride + 1
+    new = hop // split.frame_stride
+    if split.step is not None and config.reuse == "auto" and split.exact \
+            and min(frames, new) >= MIN_STEP_FRAMES:
+        rt.bundle.tower("audio_step")
+        plan = FramePlan(split.frame_stride, split.receptive_field, frames, True, step=True)
+        return plan, (f"causal step: encoding only each hop's {new} new frames against "
+                      f"cached keys/values ({split.causal_context} frames of left context "
+                      f"per layer); windows see the stream before them")
+    rt.bundle.tower("audio_encoder")
     plan = FramePlan(split.frame_stride, split.receptive_field, frames, split.exact)
-    return plan, (f"reusing front-end frames ({frames} per window, {hop // split.frame_stride}"
+    return plan, (f"reusing front-end frames ({frames} per window, {new}"
                   f" new per hop{'' if split.exact else ', approximate'})")
+
+
+MIN_STEP_FRAMES = 2  # the exported step's smallest input (export/stream_step.py)
+
+
+class StepState:
+    """What a causal bundle's stream carries between hops (all bounded): the last
+    ``step_context`` encoder-input frames (the positional conv's past), the keys/values of
+    the last ``causal_context`` frames per layer, and the final states of the current
+    window's frames (for its mean pooling)."""
+
+    def __init__(self, rt: "Runtime"):
+        split = rt.manifest.stream
+        step = split.step
+        kv = step.input("past_key").shape
+        self.layers, self.left, self.hidden = int(kv[0]), int(kv[2]), int(kv[3])
+        self.context = np.zeros((1, split.step_context, self.hidden), np.float32)
+        self.keys = np.zeros((self.layers, 1, self.left, self.hidden), np.float32)
+        self.values = np.zeros_like(self.keys)
+        self.valid = 0
+        self.finals = np.zeros((0, self.hidden), np.float32)  # frames [finals_first, done)
+        self.finals_first = 0
+        self.done = 0          # frames encoded so far (absolute index of the next one)
+        self.encoded = 0       # frames the step computed (for benchmarks)
+
+    def encode(self, step, first: int, frames: np.ndarray) -> dict[str, np.ndarray]:
+        """Runs the step for the window whose first frame is ``first`` and whose frames
+        are ``frames`` [W, H]: only those past ``done`` are new."""
+        if not first <= self.done <= first + len(frames):
+            raise BundleError(f"stream: the causal step lost its place (window at frame "
+                              f"{first}, {self.done} frames encoded)")
+        new = frames[self.done - first:]
+        older = self.finals[first - self.finals_first:] if self.done > first else \
+            np.zeros((0, self.hidden), np.float32)
+        heads = list(step.spec.heads)
+        names = [EMBEDDING] + [HEAD_PREFIX + h for h in heads] + [
+            "new_key", "new_value", "new_hidden"]
+        out = step.run({FRAMES: new[None], "context": self.context, "past_key": self.keys,
+                        "past_value": self.values,
+                        "past_valid": np.array([self.valid], np.int64),
+                        "past_sum": older.sum(axis=0, dtype=np.float32)[None],
+                        "past_count": np.array([len(older)], np.float32)}, names)
+        n = len(new)
+        self.keys = np.concatenate([self.keys, out["new_key"]], axis=2)[:, :, -self.left:]
+        self.values = np.concatenate([self.values, out["new_value"]], axis=2)[:, :, -self.left:]
+        self.valid = min(self.left, self.valid + n)
+        c = self.context.shape[1]
+        self.context = np.concatenate([self.context, new[None]], axis=1)[:, -c:] if c else \
+            self.context
+        self.finals = np.concatenate([older, out["new_hidden"][0]])
+        self.finals_first = first
+        self.done = first + len(frames)
+        self.encoded += n
+        return out
 
 
 def encode_window(rt: "Runtime", stream: AudioStream, start: int,
@@ -411,7 +475,7 @@ def encode_window(rt: "Runtime", stream: AudioStream, start: int,
             or start % plan.stride:
         return None
     frontend = rt.bundle.tower("audio_frontend")
-    encoder = rt.bundle.tower("audio_encoder")
+    encoder = None if plan.step else rt.bundle.tower("audio_encoder")
 
     def compute(chunk: np.ndarray) -> np.ndarray:
         feeds = {WAVEFORM: chunk[None]}
@@ -420,6 +484,16 @@ def encode_window(rt: "Runtime", stream: AudioStream, start: int,
         return frontend.run(feeds, [FRAMES])[FRAMES][0]
 
     frames = cache.window(start, samples, compute)
+    if plan.step:
+        step = rt.bundle.tower("audio_step")
+        if stream.step is None:
+            stream.step = StepState(rt)
+        result = stream.step.encode(step, start // plan.stride, frames)
+        heads = list(step.spec.heads)
+        rt._check_embedding(result[EMBEDDING], 1, "audio step")
+        return AudioEncoding(result[EMBEDDING][0].astype(np.float32, copy=True),
+                             {h: result[HEAD_PREFIX + h][0].copy() for h in heads},
+                             len(samples) / rt.sample_rate, 1)
     heads = list(encoder.spec.heads)
     outputs = [EMBEDDING] + [HEAD_PREFIX + h for h in heads]
     feeds = {FRAMES: frames[None]}
