@@ -62,6 +62,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     model = ClapModel.from_dir(args.model).eval()
+    if model.config.audio.causal_context is not None:
+        # a causal model's cache is exact (tests/test_causal.py) and its bundles stream with
+        # it; this benchmark is about approximating a bidirectional model's windows
+        print(f"{args.model} is causal (audio.causal_context = "
+              f"{model.config.audio.causal_context}): its streaming step is exact and measured "
+              f"by python -m clapedge.bench.stream; pass --model with a bidirectional model. "
+              f"Nothing written.")
+        return
     step = StepEncoder(model).eval()
     bundle = Bundle.load(default_bundle(args.bundle, args.corpus))
     banks = {name: bundle.bank(name) for name in sorted(bundle.manifest.banks)}

@@ -1,32 +1,37 @@
-"""A cached-attention encoder step for streaming: a hop encodes only its new frames.
+"""The cached-attention encoder step for streaming: a hop encodes only its new frames.
 
-Status: measured, not shipped. The streaming split (``stream_split.py``) reuses front-end
-frames exactly, but the encoder still re-runs over the whole window each hop (2 s window,
-0.5 s hop: 75% of the encoder work redone), which keeps a hop at 0.66-0.68x of a full window.
-This module runs the encoder the way streaming transformers with a memory do (Emformer-style
-left-context caching): the window's older frames keep the per-layer keys/values and final
-states they got when they were last computed, and a step computes, for its N frames only,
+The streaming split (``stream_split.py``) reuses front-end frames; a bidirectional encoder
+must still re-run over the whole window each hop (2 s window, 0.5 s hop: 75% of the encoder
+work redone), which keeps a hop at 0.65-0.7x of a full window. This module runs the encoder
+the way streaming transformers with a memory do: the window's older frames keep the per-layer
+keys/values and final states they got when they were computed, and a step computes, for its
+N frames only,
 
-* the positional conv, from the ``context`` encoder-input frames before them plus their own
-  (the right edge padded with zeros, as at the end of an offline window);
+* the positional conv, from the ``context`` encoder-input frames before them plus their own;
 * every layer: queries, keys and values of the N frames; attention of their queries over the
   cached keys/values plus their own (WavLM: the gated relative-position bias for query
   positions P..P+N-1 against keys 0..P+N-1);
 * pooling over the cached final states plus the new ones, the projection, the heads.
 
-With nothing cached (P = 0) a step over a whole window is the offline encoder exactly; with a
-cache it is an approximation: an older frame's states were computed without the right context
-that has arrived since, while the offline window's bidirectional attention and its positional
-conv (128 frames wide in WavLM/wav2vec2, wider than a 2 s window) let every frame see it.
-``cached_windows`` re-computes the last ``lookahead`` frames with the new ones, trading cost
-for fidelity; ``python -m clapedge.bench.stream_cache`` measures both on the default model
-(docs/benchmarks.md): at the cost that would meet a 0.35x per-hop target the top-1 tags agree
-with the offline windows on only 70-91% of windows per bank, so the runtime does not offer it;
-a model trained with limited right context would make the cache exact.
+**Causal models** (``audio.causal_context`` = L, ``models/causal.py``): the step is exact.
+Each frame attends to at most L earlier frames and the positional conv reads only the past,
+so a frame's states never change once computed: ``causal_windows`` gives exactly the windows
+of the whole stream encoded at once (tests/test_causal.py). ``CausalStep`` is the exported
+form (fixed-size caches, no zero-length axes) that ``clap-export`` writes as
+``audio_step.onnx`` for causal models (``export_step``) and ``runtime/stream.py`` runs per hop.
 
-Step inputs: ``frames`` [1, N, H] (encoder-input frames: the feature projection's output),
-``context`` [1, C, H] (the C frames before them, zeros where the window has none),
-``past_key`` / ``past_value`` [L, 1, P, H], ``past_hidden`` [1, P, H]; outputs: the audio
+**Bidirectional models** (the seeds): with a cache the step is an approximation, since an
+older frame's states were computed without the right context that has arrived since, while
+the offline window's bidirectional attention and its positional conv (128 frames wide in
+WavLM/wav2vec2, wider than a 2 s window) let every frame see it. ``cached_windows``
+re-computes the last ``lookahead`` frames with the new ones, trading cost for fidelity;
+``python -m clapedge.bench.stream_cache`` measures both on a bidirectional model
+(docs/benchmarks.md): at the cost that would meet a 0.35x per-hop target the top-1 tags agree
+with the offline windows on only 70-91% of windows per bank, so the runtime does not offer it.
+
+``StepEncoder`` inputs: ``frames`` [1, N, H] (encoder-input frames: the feature projection's
+output), ``context`` [1, C, H] (the C frames before them, zeros where there are none),
+``past_key`` / ``past_value`` [L, 1, P, H], ``past_hidden`` [1, Q, H]; outputs: the audio
 tower's (embedding, head logits...) plus ``new_key`` / ``new_value`` [L, 1, N, H] and
 ``new_hidden`` [1, N, H].
 """
@@ -98,11 +103,11 @@ class StepEncoder(nn.Module):
         offline window (context rows that are all zero stay zero through a data2vec stack, as
         the offline padding does). Causal: exact, the conv reads only the past."""
         n = frames.shape[1]
-        ext = torch.cat([context, frames], dim=1)
         pos = self.encoder.pos_conv_embed
         if self.causal is not None:
-            out = causal.causal_positional(pos, ext)
-        elif hasattr(pos, "frame_mask"):  # MaskedConvStack (data2vec-audio)
+            return causal.causal_positional(pos, frames, context)
+        ext = torch.cat([context, frames], dim=1)
+        if hasattr(pos, "frame_mask"):  # MaskedConvStack (data2vec-audio)
             pos.frame_mask = ext.abs().sum(dim=-1) > 0
             try:
                 out = pos(ext)

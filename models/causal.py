@@ -7,7 +7,8 @@ state-dict keys, so a bidirectional checkpoint can be fine-tuned into a causal o
 * attention: a frame attends to itself and at most ``L`` earlier frames (a sliding window;
   WavLM's gated relative-position bias is kept, it only ever sees offsets -L..0);
 * positional conv: the output at frame t reads input frames t-K+1..t (K the kernel) instead
-  of t-K/2..t+K/2-1: the same weights, shifted into the past.
+  of t-K/2..t+K/2-1: the same weights, shifted into the past (and run unpadded, so a step
+  computes only its own frames' outputs).
 
 Every frame's state then depends only on the frames at or before it, and each layer needs
 only the last ``L`` keys/values of the frames before it. A stream keeps those (one cache per
@@ -41,16 +42,24 @@ def positional_kernel(encoder: nn.Module) -> int:
     return int(encoder.pos_conv_embed.conv.kernel_size[0])
 
 
-def causal_positional(pos_conv: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def causal_positional(pos_conv: nn.Module, hidden: torch.Tensor,
+                      past: torch.Tensor | None = None) -> torch.Tensor:
     """The positional conv [B, T, H] -> [B, T, H] with output t reading inputs t-K+1..t.
 
-    HF's conv pads K//2 frames on both sides (and drops the last output frame for an even K),
-    so output t reads t-K//2..t+K-1-K//2; padding K-1-K//2 zero frames in front and keeping
-    the first T outputs shifts that window to end at t."""
-    kernel = int(pos_conv.conv.kernel_size[0])
-    frames = hidden.shape[1]
-    shifted = F.pad(hidden, (0, 0, kernel - 1 - kernel // 2, 0))
-    return pos_conv(shifted)[:, :frames]
+    HF's module pads K//2 frames on both sides (output t reads t-K//2..t+K-1-K//2); here the
+    same weights run unpadded over the K-1 frames before the sequence (``past`` [B, K-1, H],
+    zeros when None: the start of a stream) followed by the sequence, which yields exactly the
+    T causal outputs (a stream's step computes only its new frames' outputs this way)."""
+    conv = pos_conv.conv
+    kernel = int(conv.kernel_size[0])
+    x = hidden.transpose(1, 2)
+    if past is None:
+        x = F.pad(x, (kernel - 1, 0))
+    else:
+        x = torch.cat([past.transpose(1, 2).to(x.dtype), x], dim=2)
+    y = F.conv1d(x, conv.weight, conv.bias, stride=1, padding=0, dilation=conv.dilation,
+                 groups=conv.groups)
+    return pos_conv.activation(y).transpose(1, 2)
 
 
 def relative_bias(attention: nn.Module, query_pos: torch.Tensor,

@@ -424,8 +424,9 @@ class Runtime:
                       max_events: int = 256) -> AudioStream:
         """A stream tagged with ``banks`` (bank or head names; default: the default bank;
         ``[]``: embeddings only) over windows of ``window_s`` every ``hop_s``.
-        ``reuse``: "auto" | "approx" | "off", front-end frame reuse across overlapping
-        windows (see ``stream``); ``max_events``: undrained ``results()`` kept."""
+        ``reuse``: "auto" | "frames" | "approx" | "off", work reuse across overlapping
+        windows: a causal bundle's step, front-end frames (see ``stream``);
+        ``max_events``: undrained ``results()`` kept."""
         _check_k(k)
         names = [self.default_bank()] if banks is None else list(banks)
         for name in names:

@@ -318,7 +318,11 @@ class Bundle:
     SINGLE_THREAD_ROLES = ("text",)
 
     def threads_for(self, role: str) -> int | None:
-        """Intra-op threads of the tower ``role`` (None: physical cores)."""
+        """Intra-op threads of the tower ``role`` (None: physical cores). A causal stream's
+        step (a hop's few frames) always runs on one: default model, 25 frames, INT8,
+        1.98 ms CPU on one thread vs 2.93 ms (2.28 ms wall) on two."""
+        if role == "audio_step":
+            return 1
         if self.threads is None and role in self.SINGLE_THREAD_ROLES:
             return 1
         return self.threads

@@ -85,9 +85,12 @@ def _print_events(rt: Runtime, stream) -> None:
               help="Channels of raw PCM on stdin.")
 @click.option("--chunk-ms", default=100.0, show_default=True,
               type=click.FloatRange(min=1, min_open=False), help="Feed size in milliseconds.")
-@click.option("--reuse", type=click.Choice(["auto", "approx", "off"]), default="auto",
-              show_default=True, help="Front-end frame reuse across overlapping windows "
-                                      "(auto: where exact; see docs/runtime.md).")
+@click.option("--reuse", type=click.Choice(["auto", "frames", "approx", "off"]),
+              default="auto", show_default=True,
+              help="Work reuse across overlapping windows: auto = a causal bundle's step (only "
+                   "each hop's new frames) or front-end frame reuse, where exact; frames = "
+                   "front-end frames only (events = the offline windows); approx = also "
+                   "where inexact; off = whole windows (see docs/runtime.md).")
 @click.option("--providers", default="auto", show_default=True,
               help="'auto' or a comma-separated list, e.g. 'cuda,cpu'.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)

@@ -17,6 +17,20 @@ offline windows of the same signal, and each window's embedding is bit-identical
 ``rt.embed_audio(window)``: the streaming resampler gives the same samples as decoding the
 whole file (soxr's output does not depend on the chunking).
 
+Causal bundles. A bundle of a causal model (``audio.causal_context``, models/causal.py)
+carries a streaming step (manifest ``stream.step``, ``audio_step.onnx``): the encoder for a
+hop's new frames only, against cached keys/values of the last L frames per layer, the last
+K-1 encoder-input frames (the causal positional conv's past) and the final states of the
+window's older frames (mean pooling). With ``reuse="auto"`` (and an exact split) a stream
+runs the step: a hop costs the front end on its new samples plus the step on its new frames,
+and each window's embedding is exactly what encoding the whole stream at once and pooling the
+window's frames gives (tests/test_causal.py), which is how a causal model sees a stream:
+the window's first frames attend to the audio before the window. An offline window
+(``rt.embed_audio(window)``) starts from silence instead, so after the first window the two
+differ slightly (docs/benchmarks.md measures how much); ``reuse="frames"`` gives the offline
+windows exactly, at the cost of re-encoding every window. The state is fixed-size
+(``StepState``).
+
 Reuse across overlapping windows. A bundle exported with a streaming split (manifest
 ``stream``: ``audio_frontend.onnx`` + ``audio_encoder.onnx``, the audio tower cut after its
 per-frame conv front end, see ``export/stream_split.py``) lets each hop compute front-end
@@ -30,14 +44,17 @@ one window's worth, ``FrameCache``) and runs only the encoder over them. ``reuse
   unpadded clip (``min_seconds <= window_s <= max_seconds``, a multiple of
   ``bucket_seconds``). Then events are bit-identical to the offline windows. Otherwise every
   window is encoded whole, and ``create_stream`` logs why (logger ``clapedge.runtime``).
+- ``"frames"``: front-end frame reuse only, never the causal step (events are the offline
+  windows bit for bit, as ``"auto"`` gives for other bundles).
 - ``"approx"``: also reuse when the split is not exact: a front end normalised over time
   (GroupNorm in the first conv, the WavLM-base-plus shape) normalises each hop's new frames
   over that hop's samples instead of the window's, so events differ from the offline
   windows (docs/runtime.md gives the measured difference).
 - ``"off"``: always encode whole windows.
 
-The end-aligned last window (it does not start on a frame boundary) and a stream shorter
-than one window are always encoded whole.
+The end-aligned last window when it does not start on a frame boundary, and a stream
+shorter than one window, are always encoded whole. ``"approx"`` also runs a causal bundle's
+step over an inexact split's frames.
 
 Memory and back-pressure. The stream keeps the audio from the start of the last decoded
 window on: at most one window plus one hop when ``decode`` keeps up. Audio fed faster than it
@@ -399,13 +416,15 @@ def plan_reuse(rt: "Runtime", config: StreamConfig) -> tuple[FramePlan | None, s
     rt.bundle.tower("audio_frontend")
     frames = (window - split.receptive_field) // split.frame_stride + 1
     new = hop // split.frame_stride
-    if split.step is not None and config.reuse == "auto" and split.exact \
-            and min(frames, new) >= MIN_STEP_FRAMES:
+    if split.step is not None and min(frames, new) >= MIN_STEP_FRAMES and (
+            (config.reuse == "auto" and split.exact) or config.reuse == "approx"):
         rt.bundle.tower("audio_step")
-        plan = FramePlan(split.frame_stride, split.receptive_field, frames, True, step=True)
+        plan = FramePlan(split.frame_stride, split.receptive_field, frames, split.exact,
+                         step=True)
         return plan, (f"causal step: encoding only each hop's {new} new frames against "
                       f"cached keys/values ({split.causal_context} frames of left context "
-                      f"per layer); windows see the stream before them")
+                      f"per layer{'' if split.exact else ', approximate front-end frames'}); "
+                      f"windows see the stream before them")
     rt.bundle.tower("audio_encoder")
     plan = FramePlan(split.frame_stride, split.receptive_field, frames, split.exact)
     return plan, (f"reusing front-end frames ({frames} per window, {new}"
