@@ -117,8 +117,12 @@ class StepEncoder(nn.Module):
             out = pos(ext)
         return out[:, out.shape[1] - n:]
 
-    def forward(self, frames: torch.Tensor, context: torch.Tensor, past_key: torch.Tensor,
-                past_value: torch.Tensor, past_hidden: torch.Tensor):
+    def encode(self, frames: torch.Tensor, context: torch.Tensor, past_key: torch.Tensor,
+               past_value: torch.Tensor, visible_from: torch.Tensor | None = None):
+        """Final states [1, N, H] of the new ``frames`` and their per-layer keys/values
+        [layers, 1, N, H], attending over ``past_*`` [layers, 1, P, H] then themselves.
+        ``visible_from``: for the fixed-size caches of ``CausalStep``, the first cached
+        position that exists (older ones are ignored)."""
         enc = self.encoder
         n = frames.shape[1]
         past = past_key.shape[2]
@@ -131,32 +135,42 @@ class StepEncoder(nn.Module):
             visible = causal.allowed(query, key, self.causal)
         else:
             visible = torch.ones(n, past + n, dtype=torch.bool, device=h.device)
+        if visible_from is not None:
+            visible = visible & (key >= visible_from)[None, :]
         bias = causal.relative_bias(enc.layers[0].attention, query, key) if self.wavlm else None
         keys, values = [], []
         for i, layer in enumerate(enc.layers):
+            x = layer.layer_norm(h) if self.stable else h
+            a, k, v = causal.attend(layer.attention, x, past_key[i], past_value[i], visible,
+                                    bias, self.heads)
             if self.stable:
-                a, k, v = causal.attend(layer.attention, layer.layer_norm(h), past_key[i],
-                                        past_value[i], visible, bias, self.heads)
                 h = h + a
                 h = h + layer.feed_forward(layer.final_layer_norm(h))
             else:
-                a, k, v = causal.attend(layer.attention, h, past_key[i], past_value[i],
-                                        visible, bias, self.heads)
                 h = layer.layer_norm(h + a)
                 h = layer.final_layer_norm(h + layer.feed_forward(h))
             keys.append(k)
             values.append(v)
         if self.stable:
             h = enc.layer_norm(h)
-        window = torch.cat([past_hidden, h], dim=1)
-        mask = torch.ones(window.shape[:2], dtype=torch.bool, device=window.device)
-        pooled = self.model.audio_branch.pooling(window, mask)
+        return h, torch.stack(keys), torch.stack(values)
+
+    def outputs(self, pooled: torch.Tensor) -> list[torch.Tensor]:
+        """The tower's outputs from pooled final states: the embedding, then head logits."""
         embedding = nn.functional.normalize(self.model.audio_projection(pooled), dim=-1)
         outs = [embedding]
         if self.head_names:
             logits = self.model.heads(pooled, embedding)
             outs += [logits[name] for name in self.head_names]
-        return (*outs, torch.stack(keys), torch.stack(values), h)
+        return outs
+
+    def forward(self, frames: torch.Tensor, context: torch.Tensor, past_key: torch.Tensor,
+                past_value: torch.Tensor, past_hidden: torch.Tensor):
+        h, keys, values = self.encode(frames, context, past_key, past_value)
+        window = torch.cat([past_hidden, h], dim=1)
+        mask = torch.ones(window.shape[:2], dtype=torch.bool, device=window.device)
+        pooled = self.model.audio_branch.pooling(window, mask)
+        return (*self.outputs(pooled), keys, values, h)
 
     def empty_cache(self, dtype=torch.float32):
         """(context, past_key, past_value, past_hidden) of a stream with nothing cached."""
@@ -265,38 +279,10 @@ class CausalStep(nn.Module):
         self.left = int(self.step.causal)
 
     def forward(self, frames, context, past_key, past_value, past_valid, past_sum, past_count):
-        s = self.step
-        enc = s.encoder
-        n = frames.shape[1]
-        h = frames + s._positional(frames, context)
-        if not s.stable:
-            h = enc.layer_norm(h)
-        query = torch.arange(n, device=h.device) + self.left
-        key = torch.arange(self.left + n, device=h.device)
-        visible = causal.allowed(query, key, self.left) & (key >= self.left - past_valid)[None, :]
-        bias = causal.relative_bias(enc.layers[0].attention, query, key) if s.wavlm else None
-        keys, values = [], []
-        for i, layer in enumerate(enc.layers):
-            x = layer.layer_norm(h) if s.stable else h
-            a, k, v = causal.attend(layer.attention, x, past_key[i], past_value[i], visible,
-                                    bias, s.heads)
-            if s.stable:
-                h = h + a
-                h = h + layer.feed_forward(layer.final_layer_norm(h))
-            else:
-                h = layer.layer_norm(h + a)
-                h = layer.final_layer_norm(h + layer.feed_forward(h))
-            keys.append(k)
-            values.append(v)
-        if s.stable:
-            h = enc.layer_norm(h)
-        pooled = (past_sum + h.sum(dim=1)) / (past_count + n).unsqueeze(-1)
-        embedding = nn.functional.normalize(s.model.audio_projection(pooled), dim=-1)
-        outs = [embedding]
-        if s.head_names:
-            logits = s.model.heads(pooled, embedding)
-            outs += [logits[name] for name in s.head_names]
-        return (*outs, torch.stack(keys), torch.stack(values), h)
+        h, keys, values = self.step.encode(frames, context, past_key, past_value,
+                                           visible_from=self.left - past_valid)
+        pooled = (past_sum + h.sum(dim=1)) / (past_count + frames.shape[1]).unsqueeze(-1)
+        return (*self.step.outputs(pooled), keys, values, h)
 
     def example_inputs(self, frames: int = 8):
         s = self.step
