@@ -14,8 +14,9 @@ Windows follow ``audio.frame_windows`` over the whole stream: starts 0, hop, 2*h
 a full window fits, plus, once the input is finished, one last window ending at the end of
 the stream (or the whole stream, when it is shorter than one window). So the events are the
 offline windows of the same signal, and each window's embedding is bit-identical to
-``rt.embed_audio(window)``: the streaming resampler gives the same samples as decoding the
-whole file (soxr's output does not depend on the chunking).
+``rt.embed_audio(window)`` (except where a causal bundle's step runs, below): the streaming
+resampler gives the same samples as decoding the whole file (soxr's output does not depend
+on the chunking).
 
 Causal bundles. A bundle of a causal model (``audio.causal_context``, models/causal.py)
 carries a streaming step (manifest ``stream.step``, ``audio_step.onnx``): the encoder for a
