@@ -64,6 +64,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from clapedge.errors import ClapEdgeError
+from clapedge.subproc import fresh
 
 TARGETS = ("audio", "manifest", "segment", "tokenizer", "onnx")
 _SELFTESTS = ("selftest_crash", "selftest_exception", "selftest_hang")
@@ -694,7 +695,7 @@ def fuzz_atheris(target: str, seconds: float, workdir: Path, *, runs: int = 0,
                "--seconds", str(max(1.0, left)), "--runs", str(runs), "--keep", str(keep),
                "--corpus", str(corpus), "--timeout", str(timeout),
                "--rss-limit-mb", str(rss_limit_mb)]
-        proc = subprocess.run(cmd, capture_output=True, text=True,
+        proc = subprocess.run(fresh(cmd), capture_output=True, text=True,
                               timeout=max(60, left * 3 + timeout * 3 + 60))
         log = proc.stderr
         done = re.findall(r"stat::number_of_executed_units:\s*(\d+)", log)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _runtime_bundles import RATE, build_bundle, clip_policy, tone  # noqa: E402
 
 from clapedge.errors import AudioError  # noqa: E402
+from clapedge.subproc import fresh  # noqa: E402
 from clapedge.runtime import Runtime  # noqa: E402
 from clapedge.runtime.audio import SegmentStream, segment  # noqa: E402
 from clapedge.runtime.cli_tag import main as clap_tag  # noqa: E402
@@ -295,8 +296,9 @@ _HOUR = textwrap.dedent("""
 def test_an_hour_long_file_is_embedded_in_bounded_memory(tmp_path):
     root, _ = build_bundle(tmp_path / "b")
     rate = 8000  # 58 MB on disk; resampled to 16 kHz it would be 230 MB held whole
-    proc = subprocess.run([sys.executable, "-c", _HOUR, str(root), str(tmp_path / "hour.wav"),
-                           str(rate)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(fresh([sys.executable, "-c", _HOUR, str(root),
+                                 str(tmp_path / "hour.wav"), str(rate)]),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout)
     assert r["duration_s"] == 3600.0 and r["windows"] == 3599  # 2 s windows, 1 s hop

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _runtime_bundles import build_bundle, tone  # noqa: E402
 
 from clapedge.errors import BundleError  # noqa: E402
+from clapedge.subproc import fresh  # noqa: E402
 from clapedge.runtime import Bundle, Runtime  # noqa: E402
 from clapedge.runtime.manifest import (FORMAT_VERSION, MAX_MANIFEST_BYTES, read_manifest,  # noqa: E402
                                        sha256_file,
@@ -517,7 +518,7 @@ def test_malformed_towers_fail_fast_in_bounded_memory(pristine, tmp_path):
         elif reseal_it:
             reseal(root)
         cases[case] = str(root)
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(pristine), json.dumps(cases)],
+    proc = subprocess.run(fresh([sys.executable, "-c", _CHILD, str(pristine), json.dumps(cases)]),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["case"]: r for r in map(json.loads, proc.stdout.splitlines())}
