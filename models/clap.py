@@ -106,6 +106,14 @@ class ClapModel(nn.Module):
         """Strict load of a state dict in our layout (weight-norm spelling adapted)."""
         return strict_load(self, state, source)
 
+    def set_causal_context(self, frames: int | None) -> None:
+        """Makes the audio encoder causal with ``frames`` of left context (None:
+        bidirectional), config and module together; the parameters are the same, so a
+        bidirectional model can be fine-tuned into a causal one (models/causal.py)."""
+        self.config = dataclasses.replace(self.config, audio=dataclasses.replace(
+            self.config.audio, causal_context=frames))  # validated: ConfigError if refused
+        self.audio_branch.causal_context = frames
+
     def attach_tokenizer(self, source: str | Path, *, max_length: int | None = None) -> None:
         """Carries the HF tokenizer files found in ``source`` (a directory or a tokenizer.json)
         into saved model directories; the runtime reads tokenizer.json with ``tokenizers``."""

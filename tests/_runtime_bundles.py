@@ -254,3 +254,21 @@ def tone(seconds: float, rate: int = RATE, freq: float = 220.0, amp: float = 0.3
     t = np.arange(int(round(seconds * rate))) / rate
     x = amp * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(len(t))
     return x.astype(np.float32)
+
+
+def stream_all(rt, x, window_s=2.0, hop_s=0.5, chunks=(37, 1000, 4001, 160),
+               banks=("emotion", "sex"), **kw):
+    """Feeds ``x`` (at RATE) to a new stream in chunks of the given sizes (cycled), decoding
+    whenever a window is ready, then finishes it; returns (stream, events)."""
+    s = rt.create_stream(window_s=window_s, hop_s=hop_s, banks=list(banks), k=2, **kw)
+    pos, i = 0, 0
+    while pos < len(x):
+        n = chunks[i % len(chunks)]
+        s.accept_waveform(RATE, x[pos:pos + n])
+        pos, i = pos + n, i + 1
+        while rt.is_ready(s):
+            rt.decode(s)
+    s.input_finished()
+    while rt.is_ready(s):
+        rt.decode(s)
+    return s, s.results()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ from clapedge.models.clap import ClapModel
 from clapedge.models.causal import allowed
 from clapedge.models.config import ClapConfig
 from clapedge.models.presets import PRESETS, build_preset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _runtime_bundles import stream_all  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
 
@@ -130,10 +135,6 @@ RATE = 16000
 @pytest.fixture(scope="module")
 def causal_bundles(tmp_path_factory, tiny_corpus):
     """A tiny causal model (30 frames of left context) exported fp32 and INT8."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from conftest import write_tiny_tokenizer
 
     from clapedge.export.pipeline import ExportOptions, export_bundle
@@ -161,16 +162,8 @@ def signal(seconds: float, seed: int = 0):
             0.05 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-def stream(rt, x, chunk=3001, **kw):
-    s = rt.create_stream(window_s=2.0, hop_s=0.5, banks=[], **kw)
-    for i in range(0, len(x), chunk):
-        s.accept_waveform(RATE, x[i:i + chunk])
-        while rt.is_ready(s):
-            rt.decode(s)
-    s.input_finished()
-    while rt.is_ready(s):
-        rt.decode(s)
-    return s, s.results()
+def stream(rt, x, **kw):
+    return stream_all(rt, x, chunks=(3001,), banks=(), **kw)
 
 
 def whole_stream_reference(model_dir, x, starts):
@@ -270,3 +263,27 @@ def test_a_tampered_or_inconsistent_step_is_refused(causal_bundles, tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(BundleError, match="audio_step.onnx"):
         stream(Runtime(root, threads=1), signal(3.0))
+
+
+def test_set_causal_context_switches_config_and_module_together():
+    torch.manual_seed(0)
+    model = ClapModel.from_config(build_preset("default", tiny=True)).eval()
+    x = wave(2, 6)
+    before = model.encode_audio(x).embedding
+    model.set_causal_context(10)
+    assert model.config.audio.causal_context == model.audio_branch.causal_context == 10
+    assert not torch.allclose(model.encode_audio(x).embedding, before, atol=1e-4)
+    model.set_causal_context(None)
+    torch.testing.assert_close(model.encode_audio(x).embedding, before)
+    with pytest.raises(ConfigError, match="causal_context"):
+        model.set_causal_context(0)
+    assert model.audio_branch.causal_context is None  # refused: nothing changed
+
+
+def test_the_step_runs_on_one_thread(causal_bundles):
+    from clapedge.runtime import Runtime
+
+    _, bundles = causal_bundles
+    rt = Runtime(bundles["int8"], threads=2)
+    assert rt.bundle.threads_for("audio_step") == 1
+    assert rt.bundle.threads_for("audio") == 2

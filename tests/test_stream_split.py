@@ -16,7 +16,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _runtime_bundles import FRAME, RATE, audio_graph, build_bundle, tiny_model, tone  # noqa: E402
+from _runtime_bundles import (FRAME, RATE, audio_graph, build_bundle, stream_all,  # noqa: E402
+                              tiny_model, tone)
 
 from clapedge.errors import BundleError  # noqa: E402
 from clapedge.export.errors import ExportError  # noqa: E402
@@ -28,22 +29,6 @@ from clapedge.runtime import manifest as mf  # noqa: E402
 from clapedge.runtime.manifest import read_manifest  # noqa: E402
 
 TINY = FrameGeometry(FRAME, FRAME)
-
-
-def stream_all(rt, x, window_s=2.0, hop_s=0.5, chunks=(37, 1000, 4001, 160),
-               banks=("emotion", "sex"), **kw):
-    s = rt.create_stream(window_s=window_s, hop_s=hop_s, banks=list(banks), k=2, **kw)
-    pos, i = 0, 0
-    while pos < len(x):
-        n = chunks[i % len(chunks)]
-        s.accept_waveform(RATE, x[pos:pos + n])
-        pos, i = pos + n, i + 1
-        while rt.is_ready(s):
-            rt.decode(s)
-    s.input_finished()
-    while rt.is_ready(s):
-        rt.decode(s)
-    return s, s.results()
 
 
 def assert_offline(rt, x, events, window, hop, banks=("emotion", "sex")):

@@ -23,9 +23,14 @@ def tiny_config(corpus, out, cache, **overrides) -> TrainConfig:
     return TrainConfig(**options)
 
 
+SETTINGS_BEFORE: dict[str, bool] = {}  # process-wide torch settings before two_runs trained
+
+
 @pytest.fixture(scope="module")
 def two_runs(tiny_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
+    SETTINGS_BEFORE.update(fill=torch.utils.deterministic.fill_uninitialized_memory,
+                           deterministic=torch.are_deterministic_algorithms_enabled())
     results = [train(tiny_config(tiny_corpus, root / f"m{i}", root / "cache"), log=lambda m: None)
                for i in range(2)]
     return root, results
@@ -179,3 +184,35 @@ def test_digital_silence_does_not_blow_up_the_gradient():
 
     assert grad_norm(None) > 1e8  # the preset as it is (no conv bias)
     assert grad_norm(True) < 1e3
+
+
+def test_training_restores_torch_settings_it_changes(two_runs):
+    # the trainer turns deterministic algorithms on and their NaN-fill of new tensors off
+    # (30% of a CPU step), and puts both back afterwards
+    assert SETTINGS_BEFORE == {
+        "fill": torch.utils.deterministic.fill_uninitialized_memory,
+        "deterministic": torch.are_deterministic_algorithms_enabled()}
+    assert SETTINGS_BEFORE["fill"] is True  # torch's default, which training turns off
+
+
+def test_causal_context_option(tiny_corpus, tmp_path, two_runs):
+    from clapedge.train.trainer import build_model, model_config
+
+    with pytest.raises(ConfigError, match="causal-context"):
+        tiny_config(tiny_corpus, tmp_path / "x", tmp_path / "c", causal_context=0).validate()
+    cfg = tiny_config(tiny_corpus, tmp_path / "x", tmp_path / "c", causal_context=7)
+    assert model_config(cfg).audio.causal_context == 7
+    assert model_config(tiny_config(tiny_corpus, tmp_path / "x", tmp_path / "c")
+                        ).audio.causal_context is None
+    # --init: a trained bidirectional model becomes causal with the same parameters
+    root, _ = two_runs
+    init = tiny_config(tiny_corpus, tmp_path / "y", tmp_path / "c", init=root / "m0",
+                       tiny=False, causal_context=7)
+    model = build_model(init, [], tmp_path / "scratch")
+    assert model.config.audio.causal_context == 7 and model.audio_branch.causal_context == 7
+    from clapedge.models import ClapModel
+
+    plain = ClapModel.from_dir(root / "m0")
+    assert plain.config.audio.causal_context is None
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                model.state_dict().values()))

@@ -221,9 +221,7 @@ def build_model(cfg: TrainConfig, texts: list[str], scratch: Path) -> ClapModel:
     if cfg.init is not None:
         model = ClapModel.from_dir(cfg.init)
         if cfg.causal_context is not None:  # same parameters: fine-tune into a causal encoder
-            model.config = dataclasses.replace(model.config, audio=dataclasses.replace(
-                model.config.audio, causal_context=cfg.causal_context))
-            model.audio_branch.causal_context = cfg.causal_context
+            model.set_causal_context(cfg.causal_context)
     elif cfg.tiny:
         model = ClapModel.from_config(model_config(cfg))
         model.attach_tokenizer(_word_tokenizer(texts, scratch / "tokenizer"), max_length=64)
