@@ -319,7 +319,11 @@ class Gallery:
         for name, e in header["arrays"].items():
             if e["offset"] + e["nbytes"] > size:
                 raise GalleryFileError(f"{path} is truncated (array {name!r} runs past the end)")
-            shape, adt = tuple(e["shape"]), np.dtype(e["dtype"])
+            try:  # numpy parses some dtype strings as Python literals: any error is corruption
+                shape, adt = tuple(e["shape"]), np.dtype(e["dtype"])
+            except (TypeError, ValueError, SyntaxError):
+                raise GalleryFileError(f"{path}: array {name!r} has dtype {e['dtype']!r}; the "
+                                       f"gallery header is corrupt") from None
             # each array has one dtype (a hostile header could ask for object or void
             # elements, which the kernel must never see) and exactly its bytes
             want = _array_dtype(name, dtype, rerank_dtype)
@@ -352,9 +356,12 @@ class Gallery:
         else:
             want["vectors"] = n * dim
         for name, size in want.items():
-            if name == "rerank" and name not in a:
-                continue
-            if name not in a or a[name].size != size:
+            if name == "rerank" and self._rerank_dtype is None:
+                continue  # no re-rank copy named (and _array_dtype refuses an unnamed one)
+            if name not in a:
+                raise GalleryFileError(f"{where}: array {name!r} is missing (the header names "
+                                       f"it); the file is corrupt")
+            if a[name].size != size:
                 raise GalleryFileError(f"{where}: array {name!r} does not match {n} x {dim}")
 
 

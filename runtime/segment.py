@@ -157,12 +157,9 @@ class Segment:
 
 
 def _rerank_copy(gallery: Gallery) -> np.ndarray | None:
-    # Gallery keeps its exact re-rank copy private; compaction needs it to rebuild a segment
-    # without a second quantisation. The one place that reaches into kernels' internals.
-    if gallery.rerank_dtype is None:
-        return None
-    arr = gallery._arrays["rerank"]
-    return arr.reshape(len(gallery), gallery.dim)
+    # compaction rebuilds a segment from the exact re-rank copy, without a second
+    # quantisation
+    return gallery.rerank_vectors
 
 
 # --------------------------------------------------------------------------- writing

@@ -95,6 +95,11 @@ REGRESSIONS = [
      "RecursionError"),
     ("segment", _gallery_with_void_codes, IndexCorruptError, r"array 'codes' is \|V1",
      "a gallery whose codes were void elements opened, and search raised TypeError"),
+    ("segment", b"CLAPS.09\xff\xff\x136", IndexCorruptError, r"array 'rerank' is missing",
+     "KeyError from compaction's re-rank copy: a gallery naming a re-rank dtype without the "
+     "array opened"),
+    ("segment", b"\x02'\x04\x05\x05\x030CLAPSEG\x00", IndexCorruptError,
+     r"array 'codes' has dtype '\|01'", "SyntaxError from numpy parsing a dtype string"),
     ("onnx", b"\0" + fuzz.external_model("w.data\0/../../etc/passwd"), BundleError,
      "contains a NUL character", "ValueError (embedded null byte) from Path.resolve"),
 ]
