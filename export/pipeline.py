@@ -77,6 +77,7 @@ class ExportOptions:
     rounding: str = "gptq"  # weight rounding of the dynamic GEMMs: gptq | nearest
     force: bool = False
     seed: int = 0
+    native_frontend: bool = True  # INT8 + split: also write the native front end
     stream_split: bool = True  # also write the streaming split (export/stream_split.py;
     # a third copy of the audio weights)
 
@@ -498,6 +499,10 @@ class _Exporter:
             if split is not None and model.config.audio.causal_context is not None:
                 with self.step("export the causal streaming step"):
                     step = self.export_step(model, split, audio, work, sr)
+            native = None
+            if split is not None and opts.precision == "int8" and opts.native_frontend:
+                with self.step("build and check the native INT8 front end"):
+                    native = self.native_frontend(model, split, audio32, audio, sr)
             with self.step("write bundle"):
                 staged = tmp / "bundle"
                 text_precision = "fp32" if text == text32 else opts.precision
@@ -506,6 +511,12 @@ class _Exporter:
                                   tagger_bank)
                 if split is not None:
                     stream_split.record_in_bundle(staged, split, step)
+                if native is not None:
+                    from clapedge.export import native_frontend as nfe
+
+                    manifest = mf.read_manifest(staged)
+                    manifest.native_frontend = nfe.write(native[0], staged, native[1])
+                    mf.write_manifest(staged, manifest.with_sizes(staged))
                 (staged / "export_report.json").write_text(
                     json.dumps(self.report.to_dict(), indent=2, sort_keys=True) + "\n")
                 _fsync_tree(staged)
@@ -515,6 +526,23 @@ class _Exporter:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.report
+
+    def native_frontend(self, model, split, audio32: Path, audio8: Path, sr: int):
+        """(NativeFrontEnd, quality record) for the bundle, or None (logged and reported:
+        the runtime then runs audio.onnx) when the front end is not one the native kernel
+        computes or it is less accurate than audio.onnx (export/native_frontend.py)."""
+        from clapedge.export import native_frontend as nfe
+
+        try:
+            front = nfe.build(model, split.frontend)
+            record = nfe.check(front, split.frontend, split.encoder, audio32, audio8,
+                               self.quality_signals, self.opts.calib_lengths, sr)
+        except ExportError as e:
+            log.warning("no native front end (the runtime will run audio.onnx): %s", e)
+            self.report.quality["native_frontend"] = {"error": str(e)}
+            return None
+        self.report.quality["native_frontend"] = record
+        return front, record
 
     def export_step(self, model, split, audio: Path, work: Path, sr: int):
         """A causal model's streaming step (export/stream_step.py), or None (logged: streams

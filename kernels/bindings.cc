@@ -6,11 +6,13 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
+#include <nanobind/stl/unique_ptr.h>
 
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "frontend.h"
 #include "gallery.h"
 #include "probe.h"
 #include "topk.h"
@@ -177,6 +179,90 @@ double int8_peak_ops(const std::string& simd, int threads, double seconds) {
   return clapedge::probe::int8_peak_macs(level, threads, seconds);
 }
 
+
+// ---- native front end ----
+namespace fe = clapedge::frontend;
+using F32Any = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+using I8Any = nb::ndarray<const int8_t, nb::c_contig, nb::device::cpu>;
+
+std::vector<float> f32_values(const nb::dict& d, const char* key) {
+  if (!d.contains(key) || d[key].is_none()) return {};
+  F32Any a;
+  if (!nb::try_cast(d[key], a)) throw KernelInputError(std::string(key) + " must be a float32 array");
+  return std::vector<float>(a.data(), a.data() + a.size());
+}
+
+std::vector<int8_t> i8_values(const nb::dict& d, const char* key) {
+  I8Any a;
+  if (!d.contains(key) || !nb::try_cast(d[key], a))
+    throw KernelInputError(std::string(key) + " must be an int8 array");
+  return std::vector<int8_t>(a.data(), a.data() + a.size());
+}
+
+int64_t int_value(const nb::dict& d, const char* key) {
+  if (!d.contains(key)) throw KernelInputError(std::string("missing ") + key);
+  return nb::cast<int64_t>(d[key]);
+}
+
+float float_value(const nb::dict& d, const char* key, float fallback) {
+  return d.contains(key) ? nb::cast<float>(d[key]) : fallback;
+}
+
+std::unique_ptr<fe::FrontEnd> make_front_end(const nb::list& layers, std::optional<nb::dict> proj) {
+  std::vector<fe::LayerSpec> specs;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const nb::dict d = nb::cast<nb::dict>(layers[i]);
+    fe::LayerSpec l;
+    l.kernel = int_value(d, "kernel");
+    l.stride = int_value(d, "stride");
+    l.cin = int_value(d, "cin");
+    l.cout = int_value(d, "cout");
+    if (i == 0)
+      l.weight_f32 = f32_values(d, "weight");
+    else {
+      l.weight_i8 = i8_values(d, "weight");
+      l.weight_scale = f32_values(d, "weight_scale");
+    }
+    l.bias = f32_values(d, "bias");
+    const std::string norm = d.contains("norm") ? nb::cast<std::string>(d["norm"]) : "none";
+    if (norm == "none") l.norm = fe::Norm::None;
+    else if (norm == "group") l.norm = fe::Norm::GroupTime;
+    else if (norm == "layer") l.norm = fe::Norm::LayerChannel;
+    else throw KernelInputError("unknown norm '" + norm + "' (expected none, group or layer)");
+    l.norm_weight = f32_values(d, "norm_weight");
+    l.norm_bias = f32_values(d, "norm_bias");
+    l.norm_eps = float_value(d, "norm_eps", 1e-5f);
+    specs.push_back(std::move(l));
+  }
+  fe::ProjectionSpec p;
+  if (proj) {
+    const nb::dict& d = *proj;
+    p.present = true;
+    p.din = int_value(d, "din");
+    p.dout = int_value(d, "dout");
+    p.layer_norm = d.contains("layer_norm") && nb::cast<bool>(d["layer_norm"]);
+    p.ln_weight = f32_values(d, "ln_weight");
+    p.ln_bias = f32_values(d, "ln_bias");
+    p.ln_eps = float_value(d, "ln_eps", 1e-5f);
+    p.weight_i8 = i8_values(d, "weight");
+    p.weight_scale = f32_values(d, "weight_scale");
+    p.bias = f32_values(d, "bias");
+  }
+  return std::make_unique<fe::FrontEnd>(std::move(specs), std::move(p));
+}
+
+void run_front_end(const fe::FrontEnd& f, F32Vector wave, int64_t valid_samples, OutF32 out,
+                   int threads, const std::string& simd) {
+  const int64_t samples = static_cast<int64_t>(wave.shape(0));
+  const int64_t frames = f.frames(samples);
+  require(frames >= 1, std::to_string(samples) + " samples are too few for one output frame");
+  require(static_cast<int64_t>(out.size()) == frames * f.out_channels(),
+          "output must be [" + std::to_string(frames) + ", " + std::to_string(f.out_channels()) + "]");
+  const clapedge::SimdLevel level = parse_level(simd);
+  nb::gil_scoped_release release;
+  f.run(wave.data(), samples, valid_samples, out.data(), threads, level);
+}
+
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -206,4 +292,10 @@ NB_MODULE(_native, m) {
         nb::arg("repeats"), "Best read bandwidth (bytes/s) of streaming through `buffer`.");
   m.def("int8_peak_ops", &int8_peak_ops, nb::arg("simd"), nb::arg("threads"),
         nb::arg("seconds"), "Peak int8 multiply-accumulates per second of a SIMD level.");
+  nb::class_<fe::FrontEnd>(m, "FrontEnd", "Native INT8 conv front end (kernels/frontend.h)")
+      .def(nb::new_(&make_front_end), nb::arg("layers"), nb::arg("projection").none())
+      .def_prop_ro("out_channels", &fe::FrontEnd::out_channels)
+      .def("frames", &fe::FrontEnd::frames, nb::arg("samples"))
+      .def("run", &run_front_end, nb::arg("wave"), nb::arg("valid_samples"), nb::arg("out"),
+           nb::arg("threads"), nb::arg("simd"));
 }

@@ -334,6 +334,8 @@ class Runtime:
         the bank is single-label, and the audio is one segment (long audio is pooled over
         windows, which only the audio tower's embeddings allow; the caller checks that)."""
         tagger = self.manifest.towers.tagger
+        if tagger is not None and self.bundle.native_problem() is None:
+            return False  # tagger.onnx holds the ONNX front end: the native one is faster
         return (tagger is not None and tagger.bank == name and k is not None
                 and k <= tagger.k and not self.manifest.banks[name].multi_label)
 

@@ -54,7 +54,8 @@ from clapedge.errors import BundleError
 from clapedge.runtime import engines
 from clapedge.runtime import providers as prov
 from clapedge.runtime.checksums import VerifiedFiles, mapped
-from clapedge.runtime.manifest import MANIFEST_NAME, Manifest, TowerSpec, read_manifest
+from clapedge.runtime.manifest import (ATTENTION_MASK, FRAMES, MANIFEST_NAME, WAVEFORM, Manifest,
+                                       TowerSpec, read_manifest)
 from clapedge.runtime.onnx_external import OnnxParseError, scan_model
 from clapedge.runtime.tokenizer import TextTokenizer
 
@@ -125,6 +126,73 @@ class Tower:
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
+
+
+NATIVE_ENV = "CLAPEDGE_NATIVE_FRONTEND"  # "0": never run the native front end
+MAX_NATIVE_FRONTEND_BYTES = 256 << 20
+
+
+class NativeFrontendTower:
+    """The split's front end (``stream.frontend``) computed by the native kernel
+    (``kernels/frontend.py``): the same ``run`` contract as the ONNX one. The kernel is
+    frame-local (each frame's int8 rounding reads only its own inputs), so frames computed
+    for a stream's new samples equal those of the whole window, as with the ONNX front end
+    of a LayerNorm conv stack."""
+
+    def __init__(self, spec: TowerSpec, front, path: Path, level: str, threads: int | None):
+        self.role, self.spec, self.front, self.path, self.level = (
+            "audio_frontend", spec, front, path, level)
+        self.threads = threads or _cpu_count()
+        self.output_names = [FRAMES]
+        self.input_dtypes = {WAVEFORM: "float32", ATTENTION_MASK: "int64"}
+
+    def has_input(self, name: str) -> bool:
+        return name in self.input_dtypes
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+            ) -> dict[str, np.ndarray]:
+        wave = np.ascontiguousarray(feeds[WAVEFORM], dtype=np.float32)
+        mask = feeds.get(ATTENTION_MASK)
+        lengths = None if mask is None else np.asarray(mask, np.int64).sum(axis=1)
+        return {FRAMES: self.front(wave, lengths, threads=self.threads, simd_level=self.level)}
+
+    @property
+    def providers(self) -> list[str]:
+        return [f"clapedge native front end ({self.level})"]
+
+
+class NativeAudioTower:
+    """The audio tower of an INT8 bundle as the native front end + the split's
+    ``audio_encoder.onnx``: the same inputs, outputs and ``run`` as the ``Tower`` of
+    ``audio.onnx`` (``waveform`` right-padded, ``attention_mask``)."""
+
+    def __init__(self, spec: TowerSpec, frontend: NativeFrontendTower, encoder: Tower):
+        self.role, self.spec, self.frontend, self.encoder = "audio", spec, frontend, encoder
+        self.path = frontend.path
+        self.output_names = list(encoder.output_names)
+        self.input_dtypes = dict(frontend.input_dtypes)
+
+    def has_input(self, name: str) -> bool:
+        return name in self.input_dtypes
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+            ) -> dict[str, np.ndarray]:
+        wave = np.ascontiguousarray(feeds[WAVEFORM], dtype=np.float32)
+        mask = feeds.get(ATTENTION_MASK)
+        mask = (np.ones(wave.shape, np.int64) if mask is None
+                else np.ascontiguousarray(mask, dtype=np.int64))
+        frames = self.frontend.run({WAVEFORM: wave, ATTENTION_MASK: mask})[FRAMES]
+        return self.encoder.run({FRAMES: frames, ATTENTION_MASK: mask}, outputs)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.frontend.providers + self.encoder.providers
+
+
+def _cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 class Bundle:
@@ -358,7 +426,56 @@ class Bundle:
                     problem, spec.file)
         return None
 
+    def native_problem(self) -> str | None:
+        """Why the audio tower does not run on the native front end here (None: it does)."""
+        m = self.manifest
+        if m.native_frontend is None or m.stream is None:
+            return "the bundle has no native front end (INT8 bundles of format 1.5 have one)"
+        if os.environ.get(NATIVE_ENV, "").strip() == "0":
+            return f"{NATIVE_ENV}=0"
+        if self.provider_choice.providers[0] != prov.CPU:
+            return f"{self.provider_choice.providers[0]} runs the whole audio tower"
+        try:
+            from clapedge.kernels import frontend, simd
+        except ImportError as e:
+            return f"the native kernels module is not importable ({e})"
+        level = simd.simd_level()
+        if level not in frontend.FAST_LEVELS:
+            return (f"SIMD level {level}: the native front end is faster than audio.onnx only "
+                    f"with {' or '.join(frontend.FAST_LEVELS)}")
+        return None
+
+    def _open_native_frontend(self, spec: TowerSpec) -> NativeFrontendTower | None:
+        problem = self.native_problem()
+        if problem is not None:
+            if self.manifest.native_frontend is not None:
+                log.info("audio front end: not using the native kernel: %s; running %s",
+                         problem, spec.file)
+            return None
+        from clapedge.kernels import frontend, simd
+
+        nf = self.manifest.native_frontend
+        path, data = self.read_verified(nf.file, nf.sha256, "native front end", nf.size,
+                                        limit=MAX_NATIVE_FRONTEND_BYTES)
+        try:
+            front = frontend.NativeFrontEnd.load(path, data)
+        except frontend.FrontEndFileError as e:
+            raise BundleError(str(e)) from None
+        if front.out_channels != spec.outputs[0].shape[2]:
+            raise BundleError(f"{path}: the native front end gives {front.out_channels} "
+                              f"channels, the split's encoder reads {spec.outputs[0].shape[2]}")
+        return NativeFrontendTower(spec, front, path, simd.simd_level(),
+                                   self.threads_for("audio"))
+
     def _open_tower(self, role: str, spec: TowerSpec) -> Tower:
+        if role == "audio_frontend":
+            native = self._open_native_frontend(spec)
+            if native is not None:
+                return native
+        if role == "audio" and self.native_problem() is None:
+            front = self.tower("audio_frontend")
+            if isinstance(front, NativeFrontendTower):
+                return NativeAudioTower(spec, front, self.tower("audio_encoder"))
         engine_tower = self._open_engine(role, spec)
         if engine_tower is not None:
             return engine_tower

@@ -14,6 +14,10 @@ A bundle is a directory with ``manifest.json`` beside the files it names::
     BUNDLE/audio_encoder.onnx  stream.encoder   in two for streaming, see ``StreamSpec``)
     BUNDLE/audio_step.onnx     stream.step      (optional, format 1.4; causal models only:
                                                  the encoder one hop at a time, see below)
+    BUNDLE/audio_frontend.native.npz native_frontend (optional, format 1.5; INT8 bundles
+                                                 with a split: the conv front end's weights
+                                                 for the native kernel, kernels/frontend.py;
+                                                 it replaces stream.frontend offline)
 
 Every file is named by a relative POSIX path inside the bundle and carries its sha256 and
 (format 1.1) its size in bytes; the runtime verifies each file when it opens it, the size
@@ -62,7 +66,8 @@ a tower declares, so a float16 input also works, but float32 I/O is the conventi
 
 Versioning: ``format_version`` is ``"MAJOR.MINOR"`` (1.1 added the optional ``size`` of
 every file, 1.2 the optional ``stream`` split, 1.3 an engine's optional EP-context model,
-1.4 the optional causal streaming step ``stream.step``; older bundles still load). The runtime
+1.4 the optional causal streaming step ``stream.step``, 1.5 the optional native front end
+``native_frontend``; older bundles still load). The runtime
 refuses another major version. A newer minor version may add fields: unknown keys are then
 ignored; with the same or an older minor version an unknown key is an error (it is a typo or
 a corrupt file).
@@ -86,7 +91,7 @@ from typing import Any, Callable, Mapping
 
 from clapedge.errors import BundleError, ConfigError
 
-FORMAT_VERSION = "1.4"
+FORMAT_VERSION = "1.5"
 STEP_INPUTS = ("frames", "context", "past_key", "past_value", "past_valid", "past_sum",
                "past_count")
 STEP_OUTPUTS = ("new_key", "new_value", "new_hidden")
@@ -485,6 +490,29 @@ class StreamSpec:
 
 
 @dataclass
+class NativeFrontEndSpec:
+    """The conv front end for the native kernel (format 1.5, optional; written by
+    ``export/native_frontend.py``): an ``.npz`` of its weights (read without pickle). With
+    ``stream.encoder`` it computes the audio tower on CPUs with AMX or AVX-512 VNNI:
+    frames from the native kernel, the rest from the encoder. ``quality``: what the
+    exporter measured (centred cosine to fp32 per length, beside audio.onnx's)."""
+
+    file: str
+    sha256: str
+    size: int | None = None
+    quality: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check_relpath("native_frontend.file", self.file)
+        _check_sha("native_frontend.sha256", self.sha256)
+        _check_size(self.size)
+        try:
+            json.dumps(self.quality, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            _fail("native_frontend.quality", f"must be JSON-serialisable without NaN: {e}")
+
+
+@dataclass
 class Manifest:
     """Everything the runtime needs to know about a bundle (see the module docstring).
 
@@ -506,6 +534,7 @@ class Manifest:
     quality: dict[str, Any] = field(default_factory=dict)
     engines: tuple[EngineSpec, ...] = ()
     stream: StreamSpec | None = None
+    native_frontend: NativeFrontEndSpec | None = None
     format_version: str = FORMAT_VERSION
 
     def __post_init__(self):
@@ -561,6 +590,8 @@ class Manifest:
                 _fail(f"towers.{role}", "bank/k are set on the tagger tower only")
         if self.stream is not None:
             self._check_stream(self.stream, t.audio)
+        if self.native_frontend is not None and self.stream is None:
+            _fail("native_frontend", "needs the stream split's encoder (manifest 'stream')")
 
     @staticmethod
     def _check_stream(s: StreamSpec, audio: TowerSpec) -> None:
@@ -633,6 +664,8 @@ class Manifest:
                         sized(x) for x in getattr(self.stream, part).external_data))
                     for part in ("frontend", "encoder")
                     + (("step",) if self.stream.step is not None else ())})
+        if self.native_frontend is not None:
+            m.native_frontend = sized(self.native_frontend)
         return m
 
     def files(self) -> list[tuple[str, str]]:
@@ -649,6 +682,8 @@ class Manifest:
         for tower in self.stream_towers():
             out.append((tower.file, tower.sha256))
             out.extend((x.file, x.sha256) for x in tower.external_data)
+        if self.native_frontend is not None:
+            out.append((self.native_frontend.file, self.native_frontend.sha256))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -890,6 +925,11 @@ class _Reader:
             "max_abs_error": (self.f, None), "step": (self.tower, None),
             "causal_context": (self.i, None), "step_context": (self.i, None)})
 
+    def native_frontend(self, v, path):
+        return self.obj(v, path, NativeFrontEndSpec, {
+            "file": (self.s, _MISSING), "sha256": (self.s, _MISSING), "size": (self.i, None),
+            "quality": (self.d, None)})
+
     def model(self, v, path):
         return self.obj(v, path, ModelInfo, {"name": (self.s, _MISSING),
                                              "source_sha256": (self.s, None),
@@ -904,7 +944,8 @@ class _Reader:
             "banks": (self.dict_of(self.bank), None), "default_bank": (self.s, None),
             "calibration": (self.d, None), "quality": (self.d, None),
             "engines": (self.list_of(self.engine), None),
-            "stream": (self.stream, None)})
+            "stream": (self.stream, None),
+            "native_frontend": (self.native_frontend, None)})
 
 
 # --------------------------------------------------------------------------- files

@@ -185,7 +185,7 @@ def test_a_causal_bundle_ships_its_step(causal_bundles):
     _, bundles = causal_bundles
     for precision, root in bundles.items():
         m = read_manifest(root)
-        assert m.format_version == FORMAT_VERSION == "1.4"
+        assert m.format_version == FORMAT_VERSION == "1.5"
         assert m.stream is not None and m.stream.exact and m.stream.step is not None
         assert (m.stream.causal_context, m.stream.step_context) == (30, 15)
         assert m.stream.step.precision == precision

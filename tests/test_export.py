@@ -114,8 +114,9 @@ def test_int8_structure_and_quality(int8_bundle):
     assert text_ops.get("DynamicQuantizeMatMul", 0) + text_ops.get("MatMulInteger", 0) > 0
 
 
-def test_int8_bundle_runs_and_tagger_agrees(int8_bundle):
+def test_int8_bundle_runs_and_tagger_agrees(int8_bundle, monkeypatch):
     out, _ = int8_bundle
+    monkeypatch.setenv("CLAPEDGE_NATIVE_FRONTEND", "0")  # audio.onnx, the tagger's own graph
     rt = Runtime(out)
     manifest = json.loads((out / "manifest.json").read_text())
     bank = manifest["towers"]["tagger"]["bank"]
@@ -132,6 +133,55 @@ def test_int8_bundle_runs_and_tagger_agrees(int8_bundle):
     assert indices[0].tolist() == expected.tolist()
     np.testing.assert_allclose(scores[0], (matrix @ emb)[expected], atol=1e-4)
     assert json.loads((out / "export_report.json").read_text())["precision"] == "int8"
+
+
+def test_int8_bundle_carries_and_runs_the_native_front_end(int8_bundle, monkeypatch, caplog):
+    """INT8 + split: the exporter writes the native front end after checking it against fp32
+    and audio.onnx; the runtime runs it + audio_encoder.onnx on AVX-512 VNNI / AMX CPUs and
+    says so, falls back to audio.onnx when told to, and refuses a tampered file."""
+    import logging
+
+    from clapedge.errors import BundleError
+    from clapedge.kernels import frontend, simd
+    from clapedge.runtime.manifest import read_manifest
+
+    out, report = int8_bundle
+    m = read_manifest(out)
+    assert m.format_version == "1.5" and m.native_frontend is not None
+    assert m.native_frontend.size == (out / m.native_frontend.file).stat().st_size
+    q = report.quality["native_frontend"]
+    for length, cos in q["centred_cosine"].items():
+        assert cos >= q["audio_onnx_centred_cosine"][length] - 0.002
+    assert m.native_frontend.quality == q
+    wave = _clip(2.0, 3)
+    monkeypatch.setenv("CLAPEDGE_NATIVE_FRONTEND", "0")
+    graph = Runtime(out).embed_audio((wave, 16000))[0]
+    monkeypatch.delenv("CLAPEDGE_NATIVE_FRONTEND")
+    with caplog.at_level(logging.INFO, logger="clapedge.runtime"):
+        rt = Runtime(out)
+    native = rt.embed_audio((wave, 16000))[0]
+    assert float(native @ graph) > 0.999
+    if simd.simd_level() in frontend.FAST_LEVELS:
+        assert "native front end" in rt.bundle.tower("audio").providers[0]
+        assert rt.bundle.native_problem() is None
+        # tag() then skips tagger.onnx (whose front end is the ONNX one) for the kernel
+        bank = m.towers.tagger.bank
+        tags = rt.tag((wave, 16000), bank, k=2)
+        scores = np.load(out / m.banks[bank].file) @ native
+        assert [t.index for t in tags] == np.argsort(-scores, kind="stable")[:2].tolist()
+    else:
+        assert "SIMD level" in rt.bundle.native_problem()
+    # the native file is checksummed like every bundle file
+    tampered = out.parent / "tampered"
+    import shutil
+    shutil.copytree(out, tampered)
+    path = tampered / m.native_frontend.file
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if simd.simd_level() in frontend.FAST_LEVELS:
+        with pytest.raises(BundleError, match="checksum"):
+            Runtime(tampered)
 
 
 def test_bundles_carry_the_streaming_split(int8_bundle, fp32_bundle):
