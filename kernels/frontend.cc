@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "aligned.h"
 #include "thread_pool.h"
 
 namespace clapedge {
@@ -15,20 +16,6 @@ namespace frontend {
 namespace {
 
 constexpr int64_t kPanel = 32;  // output frames per GEMM panel (two 16-row AMX tiles)
-
-template <typename T>
-class AlignedBuf {
- public:
-  explicit AlignedBuf(size_t count, T fill = T{}) : raw_(count + 64 / sizeof(T) + 1, fill) {
-    const auto addr = reinterpret_cast<uintptr_t>(raw_.data());
-    data_ = raw_.data() + ((64 - addr % 64) % 64) / sizeof(T);
-  }
-  T* data() { return data_; }
-
- private:
-  std::vector<T> raw_;
-  T* data_;
-};
 
 // ---- scalar level -------------------------------------------------------------------------
 
@@ -323,8 +310,8 @@ void FrontEnd::run_with(Workspace& ws, const FrontLevel& L, const float* wave, i
     const int64_t panels = (F + kPanel - 1) / kPanel;
     std::atomic<int64_t> next{0};
     parallel_run(static_cast<int>(std::min<int64_t>(threads, panels)), [&](int) {
-      AlignedBuf<uint8_t> A(static_cast<size_t>(kPanel * P.kp), 128);
-      AlignedBuf<int32_t> acc(static_cast<size_t>(kPanel * N));
+      Aligned<uint8_t> A(static_cast<size_t>(kPanel * P.kp), 128);
+      Aligned<int32_t> acc(static_cast<size_t>(kPanel * N));
       std::vector<float> row_scale(kPanel), tmp(ln_before ? static_cast<size_t>(C_in) : 0);
       const bool from_layer0 = step == 0 && fuse0;
       const int64_t span = stride * (kPanel - 1) + kernel;  // input frames of one panel

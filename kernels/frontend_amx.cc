@@ -4,28 +4,16 @@
 // topk.cc has already asked the kernel for the tile registers (simd_level_available).
 #include <immintrin.h>
 
+#include "aligned.h"
 #include "frontend.h"
 
 namespace clapedge {
 namespace frontend {
 namespace {
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 void configure() {
-  TileConfig c{};
-  c.palette_id = 1;
-  for (int i = 0; i < 8; ++i) {
-    c.rows[i] = 16;
-    c.colsb[i] = 64;
-  }
-  _tile_loadconfig(&c);
+  static const TileConfig config = TileConfig::sixteen_by_64();
+  _tile_loadconfig(&config);
 }
 
 // B packed as [n/16][kp/4][16][4]: the 64-byte slice kc of column block nb is a 16 x 64 tile

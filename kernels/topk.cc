@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "aligned.h"
 #include "gallery.h"
 #include "thread_pool.h"
 #include "topk_cpu.h"
@@ -142,22 +143,6 @@ void check_params(const TopKParams& p) {
       if (!std::isfinite(p.queries[q * p.dim + d]))
         fail("queries contain NaN or Inf (first at row " + std::to_string(q) + ")");
 }
-
-// A zero-filled byte buffer whose data starts on a 64-byte boundary (tile and vector loads
-// of misaligned rows straddle two cache lines; AMX tile loads run at half speed then).
-template <typename T>
-class Aligned {
- public:
-  explicit Aligned(size_t count, T fill = T{}) : raw_(count + 64 / sizeof(T), fill) {
-    const auto addr = reinterpret_cast<uintptr_t>(raw_.data());
-    data_ = raw_.data() + ((64 - addr % 64) % 64) / sizeof(T);
-  }
-  T* data() { return data_; }
-
- private:
-  std::vector<T> raw_;
-  T* data_;
-};
 
 // Int8 galleries score against queries quantised the same way, padded to padded_dim (see
 // ScanJob for the layouts).

@@ -6,6 +6,7 @@
 // the CPU and getting the kernel's permission to use the tile registers (arch_prctl).
 #include <immintrin.h>
 
+#include "aligned.h"
 #include "gallery.h"
 #include "topk_cpu.h"
 #include "topk_cpu_rows.h"
@@ -19,22 +20,9 @@ constexpr int64_t kMinQueries = 8;
 
 // Tile registers: C (int32 16 x 16) in 0..3, A (queries, 16 x 64 bytes) in 4..5,
 // B (a 64-dim slice of a group, 16 steps x 64 bytes) in 6..7.
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 void configure_tiles() {
-  TileConfig c{};
-  c.palette_id = 1;
-  for (int i = 0; i < 8; ++i) {
-    c.rows[i] = 16;
-    c.colsb[i] = 64;
-  }
-  _tile_loadconfig(&c);
+  static const TileConfig config = TileConfig::sixteen_by_64();
+  _tile_loadconfig(&config);
 }
 
 // Queries [q0, q0 + 16 * QB) (zero codes past the last one) x groups [g0, g0 + GB).

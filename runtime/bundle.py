@@ -132,7 +132,16 @@ NATIVE_ENV = "CLAPEDGE_NATIVE_FRONTEND"  # "0": never run the native front end
 MAX_NATIVE_FRONTEND_BYTES = 256 << 20
 
 
-class NativeFrontendTower:
+class _NativeTower:
+    """What the native towers share with ``Tower``: waveform (+ mask) inputs."""
+
+    input_dtypes = {WAVEFORM: "float32", ATTENTION_MASK: "int64"}
+
+    def has_input(self, name: str) -> bool:
+        return name in self.input_dtypes
+
+
+class NativeFrontendTower(_NativeTower):
     """The split's front end (``stream.frontend``) computed by the native kernel
     (``kernels/frontend.py``): the same ``run`` contract as the ONNX one. The kernel is
     frame-local (each frame's int8 rounding reads only its own inputs), so frames computed
@@ -144,10 +153,6 @@ class NativeFrontendTower:
             "audio_frontend", spec, front, path, level)
         self.threads = threads or _cpu_count()
         self.output_names = [FRAMES]
-        self.input_dtypes = {WAVEFORM: "float32", ATTENTION_MASK: "int64"}
-
-    def has_input(self, name: str) -> bool:
-        return name in self.input_dtypes
 
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
             ) -> dict[str, np.ndarray]:
@@ -161,7 +166,7 @@ class NativeFrontendTower:
         return [f"clapedge native front end ({self.level})"]
 
 
-class NativeAudioTower:
+class NativeAudioTower(_NativeTower):
     """The audio tower of an INT8 bundle as the native front end + the split's
     ``audio_encoder.onnx``: the same inputs, outputs and ``run`` as the ``Tower`` of
     ``audio.onnx`` (``waveform`` right-padded, ``attention_mask``)."""
@@ -170,10 +175,6 @@ class NativeAudioTower:
         self.role, self.spec, self.frontend, self.encoder = "audio", spec, frontend, encoder
         self.path = frontend.path
         self.output_names = list(encoder.output_names)
-        self.input_dtypes = dict(frontend.input_dtypes)
-
-    def has_input(self, name: str) -> bool:
-        return name in self.input_dtypes
 
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
             ) -> dict[str, np.ndarray]:
