@@ -111,8 +111,11 @@ inline __m512 exp_nonpositive(__m512 v) {
 inline __m512 gelu16(__m512 x) {
   const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
   const __m512 az = _mm512_abs_ps(z);
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
-                                 _mm512_fmadd_ps(az, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+  // t = 1 / (1 + p |z|): the 14-bit reciprocal estimate and one Newton step (relative error
+  // about 1e-8 here, as a division's), a few cycles instead of a vector division's dozen.
+  const __m512 d = _mm512_fmadd_ps(az, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f));
+  const __m512 r0 = _mm512_rcp14_ps(d);
+  const __m512 t = _mm512_mul_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(2.0f)));
   __m512 poly = _mm512_set1_ps(1.061405429f);
   poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
   poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
@@ -137,12 +140,19 @@ void gelu_avx512(float* x, int64_t n) {
 
 void quantize_avx512(const float* x, int64_t n, float inv_scale, uint8_t* u) {
   const __m512 s = _mm512_set1_ps(inv_scale);
-  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), off = _mm512_set1_epi32(128);
-  for (int64_t i = 0; i < n; i += 16) {
+  // |x * inv_scale| <= 127 (1 + 2^-23) by construction (inv_scale = 127 / max|x| of the
+  // row), so the rounded code is within [-127, 127] without a clamp; the unsigned
+  // saturating narrow would catch anything else.
+  const __m512i off = _mm512_set1_epi32(128);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), s));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(u + i), _mm512_cvtusepi32_epi8(_mm512_add_epi32(q, off)));
+  }
+  if (i < n) {
     const __mmask16 m = tail_mask(n - i);
-    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), s));
-    q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), off);
-    _mm_mask_storeu_epi8(u + i, m, _mm512_cvtusepi32_epi8(q));
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), s));
+    _mm_mask_storeu_epi8(u + i, m, _mm512_cvtusepi32_epi8(_mm512_add_epi32(q, off)));
   }
 }
 
@@ -153,16 +163,38 @@ float absmax_avx512(const float* x, int64_t n) {
   return _mm512_reduce_max_ps(m);
 }
 
+// Four channel blocks at a time: four independent FMA chains instead of one (a single
+// chain of `kernel` dependent FMAs per 16 channels ran at a quarter of the FMA throughput).
 void conv0_avx512(const float* x, int64_t stride, int64_t kernel, int64_t rows, const float* w,
                   const float* b, int64_t channels, float* out) {
   for (int64_t t = 0; t < rows; ++t) {
     const float* xt = x + stride * t;
-    for (int64_t c = 0; c < channels; c += 16) {
+    float* o = out + t * channels;
+    int64_t c = 0;
+    for (; c + 64 <= channels; c += 64) {
+      __m512 a0 = b ? _mm512_loadu_ps(b + c) : _mm512_setzero_ps();
+      __m512 a1 = b ? _mm512_loadu_ps(b + c + 16) : _mm512_setzero_ps();
+      __m512 a2 = b ? _mm512_loadu_ps(b + c + 32) : _mm512_setzero_ps();
+      __m512 a3 = b ? _mm512_loadu_ps(b + c + 48) : _mm512_setzero_ps();
+      for (int64_t i = 0; i < kernel; ++i) {
+        const __m512 xv = _mm512_set1_ps(xt[i]);
+        const float* wi = w + i * channels + c;
+        a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wi), a0);
+        a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wi + 16), a1);
+        a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wi + 32), a2);
+        a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wi + 48), a3);
+      }
+      _mm512_storeu_ps(o + c, a0);
+      _mm512_storeu_ps(o + c + 16, a1);
+      _mm512_storeu_ps(o + c + 32, a2);
+      _mm512_storeu_ps(o + c + 48, a3);
+    }
+    for (; c < channels; c += 16) {
       const __mmask16 m = tail_mask(channels - c);
       __m512 acc = b ? _mm512_maskz_loadu_ps(m, b + c) : _mm512_setzero_ps();
       for (int64_t i = 0; i < kernel; ++i)
         acc = _mm512_fmadd_ps(_mm512_set1_ps(xt[i]), _mm512_maskz_loadu_ps(m, w + i * channels + c), acc);
-      _mm512_mask_storeu_ps(out + t * channels + c, m, acc);
+      _mm512_mask_storeu_ps(o + c, m, acc);
     }
   }
 }
