@@ -54,6 +54,7 @@ def _labels(ctx, param, values) -> tuple[tuple[str, Path], ...]:
 @click.option("--tagger-k", default=3, show_default=True)
 @click.option("--no-tagger", is_flag=True, help="Leave out tagger.onnx (the runtime then tags with the audio tower and the top-k kernel); the bundle keeps one copy of the audio weights fewer.")
 @click.option("--no-stream-split", is_flag=True, help="Leave out the streaming split (audio_frontend.onnx + audio_encoder.onnx); streams then encode whole windows.")
+@click.option("--no-native-frontend", is_flag=True, help="INT8: leave out audio_frontend.native.npz (the runtime then runs audio.onnx everywhere).")
 @click.option("--no-gemm-front-end", is_flag=True, help="Keep the conv front end as Conv ops.")
 @click.option("--front-end", type=click.Choice(["rowwise", "static", "float"]), default=None,
               help="INT8 of the conv front end GEMMs: per-frame dynamic (default on cpu), static QDQ (default for tensorrt) or float.")
@@ -67,7 +68,7 @@ def _labels(ctx, param, values) -> tuple[tuple[str, Path], ...]:
 @click.option("-v", "--verbose", is_flag=True)
 def main(model_dir, output, precision, calib, eval_data, calib_method, calib_lengths, calib_clips,
          max_drop, target, engine, banks, labels, tagger_bank, tagger_k, no_tagger,
-         no_stream_split, no_gemm_front_end,
+         no_stream_split, no_native_frontend, no_gemm_front_end,
          front_end, gemm, rounding, seed, force, as_json, verbose):
     """Export MODEL_DIR (a clapedge model directory, see clap-convert) to a bundle."""
     from rich.console import Console
@@ -84,7 +85,7 @@ def main(model_dir, output, precision, calib, eval_data, calib_method, calib_len
             calib_lengths=calib_lengths, calib_clips=calib_clips, max_drop=max_drop,
             target=target, banks=banks, bank_files=labels, tagger_bank=tagger_bank,
             tagger_k=tagger_k, tagger=not no_tagger, stream_split=not no_stream_split,
-            gemm_front_end=not no_gemm_front_end, force=force, seed=seed,
+            native_frontend=not no_native_frontend, gemm_front_end=not no_gemm_front_end, force=force, seed=seed,
             front_end=front_end or ("static" if target == "tensorrt" else "rowwise"),
             gemm=gemm, rounding=rounding)
         if engine:

@@ -532,12 +532,13 @@ class _Exporter:
         the runtime then runs audio.onnx) when the front end is not one the native kernel
         computes or it is less accurate than audio.onnx (export/native_frontend.py)."""
         from clapedge.export import native_frontend as nfe
+        from clapedge.kernels.errors import KernelInputError
 
         try:
             front = nfe.build(model, split.frontend)
             record = nfe.check(front, split.frontend, split.encoder, audio32, audio8,
                                self.quality_signals, self.opts.calib_lengths, sr)
-        except ExportError as e:
+        except (ExportError, KernelInputError) as e:
             log.warning("no native front end (the runtime will run audio.onnx): %s", e)
             self.report.quality["native_frontend"] = {"error": str(e)}
             return None

@@ -151,7 +151,7 @@ class NativeFrontendTower(_NativeTower):
     def __init__(self, spec: TowerSpec, front, path: Path, level: str, threads: int | None):
         self.role, self.spec, self.front, self.path, self.level = (
             "audio_frontend", spec, front, path, level)
-        self.threads = threads or _cpu_count()
+        self.threads = threads or prov.physical_cores()  # as the ONNX sessions
         self.output_names = [FRAMES]
 
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
@@ -188,12 +188,6 @@ class NativeAudioTower(_NativeTower):
     @property
     def providers(self) -> list[str]:
         return self.frontend.providers + self.encoder.providers
-
-
-def _cpu_count() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 class Bundle:

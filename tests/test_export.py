@@ -292,6 +292,24 @@ def test_no_tagger_no_stream_split_gives_one_copy_of_the_audio_weights(tiny_mode
     assert len(tags) == 2 and tags[0].score >= tags[1].score
 
 
+def test_cli_can_leave_out_the_native_front_end(tiny_model_dir, tmp_path, monkeypatch):
+    import clapedge.export.pipeline as pipeline
+    from clapedge.errors import ClapEdgeError
+
+    seen = []
+
+    def capture(model_dir, out, options, progress=None):
+        seen.append(options)
+        raise ClapEdgeError("stop here")
+
+    monkeypatch.setattr(pipeline, "export_bundle", capture)
+    for flags, expected in (([], True), (["--no-native-frontend"], False)):
+        r = CliRunner().invoke(export_cli, [str(tiny_model_dir("default")), "-o",
+                                            str(tmp_path / "x"), *flags])
+        assert r.exit_code == 1 and "stop here" in r.output
+        assert seen[-1].native_frontend is expected
+
+
 def test_refuses_existing_output_and_leaves_nothing(tiny_model_dir, tmp_path):
     out = tmp_path / "bundle"
     out.mkdir()
