@@ -66,13 +66,13 @@ import numpy as np
 from clapedge.errors import ClapEdgeError
 from clapedge.subproc import fresh
 
-TARGETS = ("audio", "manifest", "segment", "tokenizer", "onnx")
+TARGETS = ("audio", "manifest", "segment", "tokenizer", "onnx", "frontend")
 _SELFTESTS = ("selftest_crash", "selftest_exception", "selftest_hang")
 # Modules whose code the targets run: instrumented for atheris' coverage feedback.
 _MODULES = ("clapedge.runtime.audio", "clapedge.runtime.manifest", "clapedge.runtime.segment",
             "clapedge.runtime.tokenizer", "clapedge.runtime.onnx_external",
             "clapedge.runtime.bundle", "clapedge.runtime.checksums", "clapedge.kernels.gallery",
-            "clapedge.kernels.topk")
+            "clapedge.kernels.topk", "clapedge.kernels.frontend")
 MAX_LEN = 1 << 14
 RATE = 16000
 
@@ -417,6 +417,56 @@ class Harness:
         bundle._check_model(bundle.root / "audio.onnx", model, spec)
 
 
+    # -- native front end files (audio_frontend.native.npz)
+
+    def _frontend_seed(self) -> bytes:
+        if getattr(self, "_frontend_cache", None) is None:
+            from clapedge.kernels.frontend import NativeFrontEnd
+
+            rng = np.random.default_rng(0)
+            layers = [dict(kernel=10, stride=5, cin=1, cout=16, norm="group",
+                           weight=rng.standard_normal((10, 16)).astype(np.float32),
+                           norm_weight=np.ones(16, np.float32), norm_bias=np.zeros(16, np.float32)),
+                      dict(kernel=3, stride=2, cin=16, cout=16, norm="layer",
+                           weight=rng.integers(-127, 128, (48, 16)).astype(np.int8),
+                           weight_scale=np.full(16, 0.01, np.float32),
+                           bias=np.zeros(16, np.float32))]
+            proj = dict(din=16, dout=32, layer_norm=True,
+                        weight=rng.integers(-127, 128, (16, 32)).astype(np.int8),
+                        weight_scale=np.full(32, 0.02, np.float32), bias=np.zeros(32, np.float32))
+            path = self.work / "frontend-seed.npz"
+            NativeFrontEnd(layers, proj).save(path)
+            self._frontend_cache = path.read_bytes()
+        return self._frontend_cache
+
+    def _frontend(self, data: bytes) -> None:
+        """A native front-end file, raw or with its JSON record mutated or bytes spliced:
+        loading it is a FrontEndFileError or a front end that runs on a short clip."""
+        import io
+
+        from clapedge.kernels.frontend import NativeFrontEnd
+
+        mode, body = (data[0] % 3, data[1:]) if data else (0, b"")
+        seed = self._frontend_seed()
+        if mode == 0:
+            blob = body
+        elif mode == 1:
+            with np.load(io.BytesIO(seed), allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+            meta = _mutate_json(json.loads(bytes(arrays["meta"]).decode()), body)
+            arrays["meta"] = np.frombuffer(json.dumps(meta, allow_nan=True).encode(), np.uint8)
+            out = io.BytesIO()
+            np.savez(out, **arrays)
+            blob = out.getvalue()
+        else:
+            blob = _splice(seed, body)
+        front = NativeFrontEnd.load(self.work / "fuzz.npz", blob)  # or FrontEndFileError
+        wave = np.sin(np.arange(4000, dtype=np.float32) / 7.0)
+        out = front(wave, threads=1)  # or KernelInputError (a clip too short for the stack)
+        if out.shape != (front.frames(4000), front.out_channels):
+            raise Invariant(f"front end output {out.shape} is not [frames, channels]")
+
+
 def _splice(seed: bytes, edits: bytes) -> bytes:
     """The seed with the fuzzer's edits: (position, byte) pairs and a truncation."""
     out = bytearray(seed)
@@ -583,6 +633,10 @@ def seeds(target: str, harness: Harness) -> list[bytes]:
     if target == "onnx":
         return [b"\0" + external_model("w.data"), b"\0" + external_model("sub/inner.data"),
                 b"\1" + bytes(range(1, 21)), b"\1\0\3" + bytes(18)]
+    if target == "frontend":
+        seed = harness._frontend_seed()
+        return [b"\0" + seed, b"\1" + bytes(range(64)), b"\2" + bytes(range(0, 90, 3)),
+                b"\2\1\2"]
     if target == "selftest_crash":  # libFuzzer runs the seeds shortest first
         return [b"o", b"X", b"SSS"]
     if target == "selftest_exception":

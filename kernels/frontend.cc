@@ -16,6 +16,9 @@ namespace frontend {
 namespace {
 
 constexpr int64_t kPanel = 32;  // output frames per GEMM panel (two 16-row AMX tiles)
+constexpr size_t kMaxLayers = 32;
+constexpr int64_t kMaxKernel = 1024;
+constexpr int64_t kMaxChannels = 4096;
 
 // ---- scalar level -------------------------------------------------------------------------
 
@@ -130,11 +133,18 @@ FrontEnd::Packed FrontEnd::pack(const std::vector<int8_t>& w, int64_t k, int64_t
 FrontEnd::FrontEnd(std::vector<LayerSpec> layers, ProjectionSpec projection)
     : layers_(std::move(layers)), proj_(std::move(projection)) {
   if (layers_.empty()) throw KernelInputError("front end: no conv layers");
+  // Bounds far past any wav2vec2-family front end (512 channels, kernels <= 10, 7 layers),
+  // so that a damaged or hostile file cannot ask for gigabytes of activations per second.
+  if (layers_.size() > kMaxLayers)
+    throw KernelInputError("front end: more than " + std::to_string(kMaxLayers) + " conv layers");
   for (size_t i = 0; i < layers_.size(); ++i) {
     const LayerSpec& l = layers_[i];
     const std::string at = "front end layer " + std::to_string(i) + ": ";
     if (l.kernel < 1 || l.stride < 1 || l.cin < 1 || l.cout < 1)
       throw KernelInputError(at + "kernel, stride and channels must be >= 1");
+    if (l.kernel > kMaxKernel || l.stride > kMaxKernel || l.cout > kMaxChannels || l.cin > kMaxChannels)
+      throw KernelInputError(at + "kernel or stride above " + std::to_string(kMaxKernel) +
+                             ", or channels above " + std::to_string(kMaxChannels));
     if (l.cout % 16 != 0) throw KernelInputError(at + "output channels must be a multiple of 16");
     if (i == 0) {
       if (l.cin != 1) throw KernelInputError(at + "the first conv must have one input channel");
@@ -161,8 +171,9 @@ FrontEnd::FrontEnd(std::vector<LayerSpec> layers, ProjectionSpec projection)
   if (proj_.present) {
     if (proj_.din != layers_.back().cout)
       throw KernelInputError("front end projection: input width differs from the last conv's");
-    if (proj_.dout % 16 != 0 || proj_.dout < 16)
-      throw KernelInputError("front end projection: output width must be a multiple of 16");
+    if (proj_.dout % 16 != 0 || proj_.dout < 16 || proj_.dout > kMaxChannels)
+      throw KernelInputError("front end projection: output width must be a multiple of 16, "
+                             "at most " + std::to_string(kMaxChannels));
     if (static_cast<int64_t>(proj_.weight_i8.size()) != proj_.din * proj_.dout ||
         static_cast<int64_t>(proj_.weight_scale.size()) != proj_.dout ||
         (!proj_.bias.empty() && static_cast<int64_t>(proj_.bias.size()) != proj_.dout))

@@ -16,7 +16,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,9 @@ class NativeFrontEnd:
             self._native = _native.FrontEnd(self.layers, self.projection)
         except ValueError as e:
             raise KernelInputError(str(e)) from None
+        except (RuntimeError, TypeError) as e:  # nanobind: a value out of int64's range
+            raise KernelInputError(f"front end: a value of the wrong type or out of range "
+                                   f"({e})") from None
 
     @staticmethod
     def _clean_layer(i: int, layer: dict) -> dict:
@@ -189,6 +194,10 @@ class NativeFrontEnd:
             return cls(layers, projection, bool(meta.get("normalize_waveform", False)))
         except FrontEndFileError:
             raise
-        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
-                zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+                OverflowError, RuntimeError, NotImplementedError, struct.error, zlib.error,
+                zipfile.BadZipFile, zipfile.LargeZipFile, UnicodeDecodeError,
+                json.JSONDecodeError) as e:
+            # numpy's zip reader and np.load raise all of these on damaged archives
+            # (truncated members, unsupported or "encrypted" entries, bad headers)
             raise FrontEndFileError(f"{path}: not a valid native front-end file: {e}") from None

@@ -16,6 +16,7 @@ import pytest
 
 from clapedge.bench import fuzz
 from clapedge.errors import AudioError, BundleError, ConfigError
+from clapedge.kernels.frontend import FrontEndFileError
 from clapedge.runtime.index_errors import IndexCorruptError
 from clapedge.runtime.segment import MAGIC
 
@@ -77,6 +78,37 @@ def _gallery_with_void_codes(harness: fuzz.Harness) -> bytes:
     return bytes([2, 0, 0, 0]) + struct.pack("<H", pos) + b"V"
 
 
+def _frontend_meta(**change):
+    """Mode 0 (a whole file): the seed front end with its JSON record's first layer changed."""
+    import io
+
+    import numpy as np
+
+    def make(harness: fuzz.Harness) -> bytes:
+        with np.load(io.BytesIO(harness._frontend_seed()), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads(bytes(arrays["meta"]).decode())
+        meta["layers"][0].update(change)
+        arrays["meta"] = np.frombuffer(json.dumps(meta, allow_nan=True).encode(), np.uint8)
+        out = io.BytesIO()
+        np.savez(out, **arrays)
+        return b"\0" + out.getvalue()
+    return make
+
+
+def _frontend_zip_entry(offset: int, value: bytes):
+    """Mode 0: the seed with a field of every central-directory entry overwritten (offset
+    6: the version needed to extract; 8: the flags, bit 0 = encrypted)."""
+    def make(harness: fuzz.Harness) -> bytes:
+        data = bytearray(harness._frontend_seed())
+        at = data.find(b"PK\x01\x02")
+        while at >= 0:
+            data[at + offset:at + offset + len(value)] = value
+            at = data.find(b"PK\x01\x02", at + 4)
+        return b"\0" + bytes(data)
+    return make
+
+
 # (target, input or a function of the harness giving it, expected error, message regex,
 #  what escaped before the fix)
 REGRESSIONS = [
@@ -102,6 +134,16 @@ REGRESSIONS = [
      r"array 'codes' has dtype '\|01'", "SyntaxError from numpy parsing a dtype string"),
     ("onnx", b"\0" + fuzz.external_model("w.data\0/../../etc/passwd"), BundleError,
      "contains a NUL character", "ValueError (embedded null byte) from Path.resolve"),
+    ("frontend", _frontend_meta(kernel=2 ** 63), FrontEndFileError, "out of range",
+     "RuntimeError (std::bad_cast) from nanobind: an int past int64"),
+    ("frontend", _frontend_meta(kernel=float("inf")), FrontEndFileError, "not a valid",
+     "OverflowError from int(inf)"),
+    ("frontend", _frontend_zip_entry(8, b"\x01"), FrontEndFileError, "not a valid",
+     "RuntimeError from zipfile: an entry flagged encrypted"),
+    ("frontend", _frontend_zip_entry(6, bytes([93, 0])), FrontEndFileError, "not a valid",
+     "NotImplementedError from zipfile: zip version 9.3"),
+    ("frontend", lambda h: b"\0" + h._frontend_seed()[:-200], FrontEndFileError, "not a valid",
+     "EOFError / BadZipFile from a truncated archive"),
 ]
 
 
