@@ -122,7 +122,7 @@ def run_benchmark(path: str | os.PathLike, *, providers="auto", threads: int | N
     return BenchReport(
         bundle=str(path), model=rt.manifest.model.name, precision=tower.spec.precision,
         providers=tower.providers,
-        threads=tower.session.get_session_options().intra_op_num_threads,
+        threads=tower.threads,
         load_ms=round(load_s * 1e3, 3), first_call_ms=round(first_s * 1e3, 3), clip_s=clip_s,
         offline=offline, batch_size=batch_size,
         batch_clips_per_s=round(batch_size / float(np.median(batch_times)), 3),

@@ -127,6 +127,11 @@ class Tower:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
+    @property
+    def threads(self) -> int:
+        """Intra-op threads of the session."""
+        return int(self.session.get_session_options().intra_op_num_threads)
+
 
 NATIVE_ENV = "CLAPEDGE_NATIVE_FRONTEND"  # "0": never run the native front end
 MAX_NATIVE_FRONTEND_BYTES = 256 << 20
@@ -188,6 +193,10 @@ class NativeAudioTower(_NativeTower):
     @property
     def providers(self) -> list[str]:
         return self.frontend.providers + self.encoder.providers
+
+    @property
+    def threads(self) -> int:
+        return self.frontend.threads
 
 
 class Bundle:

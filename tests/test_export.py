@@ -171,6 +171,12 @@ def test_int8_bundle_carries_and_runs_the_native_front_end(int8_bundle, monkeypa
         assert [t.index for t in tags] == np.argsort(-scores, kind="stable")[:2].tolist()
     else:
         assert "SIMD level" in rt.bundle.native_problem()
+    # clap-bench reports the tower it ran
+    from clapedge.runtime.benchmark import run_benchmark
+
+    report = run_benchmark(out, threads=2, clip_s=1.0, runs=2, warmup=1, batch_size=2,
+                           stream_s=3.0)
+    assert report.threads == 2 and report.providers == rt.bundle.tower("audio").providers
     # the native file is checksummed like every bundle file
     tampered = out.parent / "tampered"
     import shutil
