@@ -56,7 +56,7 @@ def _is_exact_gelu(act: nn.Module) -> bool:
 
 
 def _f32(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().double().numpy().astype(np.float32)
+    return None if t is None else t.detach().float().numpy().copy()
 
 
 def graph_weights(frontend_onnx: Path) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -141,6 +141,14 @@ def _check_sha(field_name: str, value: str) -> None:
         _fail(field_name, f"{value!r} is not a sha256 (64 lowercase hex digits)")
 
 
+def _check_json(field_name: str, value: Any) -> None:
+    """Free-form records must write back: a manifest that loads must also save."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        _fail(field_name, f"must be JSON-serialisable without NaN: {e}")
+
+
 def _check_size(value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                               or value < 0):
@@ -444,10 +452,7 @@ class ModelInfo:
             _fail("name", "must be a non-empty string")
         if self.source_sha256 is not None:
             _check_sha("source_sha256", self.source_sha256)
-        try:  # like calibration and quality: a manifest that loads must write back
-            json.dumps(self.info, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            _fail("info", f"must be JSON-serialisable without NaN: {e}")
+        _check_json("info", self.info)
 
 
 @dataclass
@@ -506,10 +511,7 @@ class NativeFrontEndSpec:
         _check_relpath("native_frontend.file", self.file)
         _check_sha("native_frontend.sha256", self.sha256)
         _check_size(self.size)
-        try:
-            json.dumps(self.quality, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            _fail("native_frontend.quality", f"must be JSON-serialisable without NaN: {e}")
+        _check_json("native_frontend.quality", self.quality)
 
 
 @dataclass
@@ -553,10 +555,7 @@ class Manifest:
                                   f"{sorted(self.banks)}")
         self._check_towers()
         for name in ("calibration", "quality"):
-            try:
-                json.dumps(getattr(self, name), allow_nan=False)
-            except (TypeError, ValueError) as e:
-                _fail(name, f"must be JSON-serialisable without NaN: {e}")
+            _check_json(name, getattr(self, name))
 
     def _check_towers(self) -> None:
         t, dim = self.towers, self.embed_dim

@@ -190,6 +190,32 @@ def test_int8_bundle_carries_and_runs_the_native_front_end(int8_bundle, monkeypa
             Runtime(tampered)
 
 
+def test_native_front_end_is_refused_when_worse_or_unsupported(int8_bundle, tiny_model_dir,
+                                                              monkeypatch):
+    """The exporter writes the native front end only when the kernel covers the tower and
+    it is as close to fp32 as audio.onnx (within TOLERANCE); otherwise a typed reason."""
+    import torch
+
+    from clapedge.export import native_frontend as nfe
+    from clapedge.models import ClapModel
+
+    out, _ = int8_bundle
+    model = ClapModel.from_dir(tiny_model_dir("default")).eval()
+    front = nfe.build(model, out / "audio_frontend.onnx")
+    signals = [_clip(1.5, 7), _clip(1.2, 8)]
+    args = (out / "audio_frontend.onnx", out / "audio_encoder.onnx", out / "audio.onnx",
+            out / "audio.onnx", signals, (1.0,), 16000)
+    record = nfe.check(front, *args)
+    assert record["frames_max_rel_error"] < 0.1
+    monkeypatch.setattr(nfe, "TOLERANCE", -1.0)  # demand more than cosine can give
+    with pytest.raises(ExportError, match="not used"):
+        nfe.check(front, *args)
+    layer = model.audio_branch.base.feature_extractor.conv_layers[1]
+    layer.activation = torch.nn.GELU(approximate="tanh")
+    with pytest.raises(nfe.NativeUnsupported, match="layer 1: activation is not exact GELU"):
+        nfe.build(model)
+
+
 def test_bundles_carry_the_streaming_split(int8_bundle, fp32_bundle):
     """The LayerNorm front end (default preset, INT8) splits exactly and a stream over it
     gives the offline windows bit for bit; the GroupNorm one (gemo-clap) is split but marked
